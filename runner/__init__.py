@@ -1,0 +1,38 @@
+"""flowrun's engine: the small public API that node modules import.
+
+Nodes import only from here: the base classes, `@node` registration, `Message` and the
+config helpers. Everything else in `runner` is the engine's own business.
+"""
+
+from runner.config import ConsumerConfig, NodeConfig, Overflow, SourceConfig
+from runner.expr import DEFAULT_GLOBALS, MATH_GLOBALS, ExprError, Expression, compile_expr
+from runner.message import Ack, Data, Message, Scalar, utcnow
+from runner.node import Node, NodeContext, Processor, Sink, Source
+from runner.registry import node
+from runner.stats import NodeStats
+
+__all__ = [
+    "DEFAULT_GLOBALS",
+    "MATH_GLOBALS",
+    "Ack",
+    "ConsumerConfig",
+    "Data",
+    "ExprError",
+    "Expression",
+    "Message",
+    "Node",
+    "NodeConfig",
+    "NodeContext",
+    "NodeStats",
+    "Overflow",
+    "Processor",
+    "Scalar",
+    "Sink",
+    "Source",
+    "SourceConfig",
+    "compile_expr",
+    "node",
+    "utcnow",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""The registry of node kinds: `@node("kind")` in-tree, `flowrun.nodes` entry points outside."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import pkgutil
+import typing
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+from runner.config import NodeConfig
+from runner.node import Node
+
+log = logging.getLogger("flowrun.registry")
+
+ENTRY_POINT_GROUP = "flowrun.nodes"
+
+_KINDS: dict[str, type[Node[Any]]] = {}
+_loaded = False
+
+N = TypeVar("N", bound=type[Node[Any]])
+
+
+def _config_model_of(cls: type[Node[Any]]) -> type[NodeConfig]:
+    explicit = cls.__dict__.get("config_model")
+    if explicit is not None:
+        return typing.cast(type[NodeConfig], explicit)
+    for base in getattr(cls, "__orig_bases__", ()):
+        for arg in typing.get_args(base):
+            if isinstance(arg, type) and issubclass(arg, NodeConfig):
+                return arg
+    raise TypeError(f"{cls.__name__}: cannot tell its config model; set config_model")
+
+
+def node(kind: str) -> Callable[[N], N]:
+    """Register a node class under `kind`; its config model is its generic parameter."""
+
+    def register(cls: N) -> N:
+        if kind in _KINDS and _KINDS[kind] is not cls:
+            raise ValueError(f"node kind {kind!r} is registered twice")
+        cls.kind = kind
+        cls.config_model = _config_model_of(cls)
+        _KINDS[kind] = cls
+        return cls
+
+    return register
+
+
+def summary(cls: type[Node[Any]]) -> str:
+    doc = (cls.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def load_all() -> None:
+    """Import every in-tree node module and every `flowrun.nodes` entry point, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import nodes as builtin
+
+    for mod in pkgutil.iter_modules(builtin.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"nodes.{mod.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must not take the built-in kinds down
+            log.error("cannot load node plugin %s (%s): %s", ep.name, ep.value, exc)
+
+
+def kinds() -> dict[str, type[Node[Any]]]:
+    load_all()
+    return dict(sorted(_KINDS.items()))
+
+
+def get(kind: str) -> type[Node[Any]] | None:
+    load_all()
+    return _KINDS.get(kind)
+
+
+def suggest(kind: str) -> list[str]:
+    load_all()
+    return difflib.get_close_matches(kind, list(_KINDS), n=3, cutoff=0.5)
