@@ -4,7 +4,7 @@ Nodes import only from here: the base classes, `@node` registration, `Message` a
 config helpers. Everything else in `runner` is the engine's own business.
 """
 
-from runner.config import ConsumerConfig, NodeConfig, Overflow, SourceConfig
+from runner.config import ConsumerConfig, MappingKeyError, NodeConfig, Overflow, SourceConfig
 from runner.expr import DEFAULT_GLOBALS, MATH_GLOBALS, ExprError, Expression, compile_expr
 from runner.message import Ack, Data, Message, Scalar, utcnow
 from runner.node import Node, NodeContext, Processor, Sink, Source
@@ -19,6 +19,7 @@ __all__ = [
     "Data",
     "ExprError",
     "Expression",
+    "MappingKeyError",
     "Message",
     "Node",
     "NodeConfig",

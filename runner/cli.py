@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import time
+import types
 import typing
 from collections.abc import Sequence
 
@@ -118,19 +119,28 @@ def cmd_graph(path: str) -> int:
 
 
 def _type_name(annotation: object) -> str:
-    text = (
-        repr(annotation)
-        if typing.get_origin(annotation)
-        else getattr(annotation, "__name__", repr(annotation))
-    )
-    return text.replace("typing.", "").replace("NoneType", "None")
+    """A readable type: Annotated metadata (validators, constraints) left out."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
 def _default(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
-    if info.default is PydanticUndefined:
-        return "(computed)"
+    if info.default is PydanticUndefined and info.default_factory is not None:
+        return repr(info.get_default(call_default_factory=True, validated_data={}))
     return repr(info.default)
 
 

@@ -14,6 +14,18 @@ from pydantic import BaseModel, ConfigDict, Field
 Overflow = Literal["block", "drop_oldest"]
 
 
+class MappingKeyError(ValueError):
+    """A validation error about one key of a mapping field, raised from the field's validator.
+
+    pydantic locates a validator's error at the field; the loader appends `key`, so the
+    error points at the line of that key (`nodes.gen.fields.grid_power_w`).
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class NodeConfig(BaseModel):
     """Fields every node accepts."""
 

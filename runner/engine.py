@@ -84,8 +84,11 @@ class _Context:
 
     async def emit(self, msg: Message) -> None:
         slot = self._slot
-        if slot.failing:
-            slot.recovered()
+        if slot.is_source:
+            # for a source, an emit ends a unit of work: clean if no error came since the last
+            if slot.failing and not slot.dirty:
+                slot.recovered()
+            slot.dirty = False
         targets = slot.targets
         try:
             if len(targets) == 1:
@@ -109,6 +112,7 @@ class _Context:
     def progress(self) -> None:
         if self._slot.failing:
             self._slot.recovered()
+        self._slot.dirty = False
 
     def error(self, what: str, exc: BaseException | None = None) -> None:
         self._slot.stats.errors += 1
@@ -136,6 +140,7 @@ class _Slot:
         self.finished = False
         self.restarted = asyncio.Event()
         self.failing = False
+        self.dirty = False  # an error was counted during the current unit of work
         self.fail_count = 0
         self.fail_since = 0.0
 
@@ -148,8 +153,13 @@ class _Slot:
         """The inputs of the spec in force, or of the one a reload is switching to."""
         return (self.pending or self.spec).inputs
 
+    @property
+    def is_source(self) -> bool:
+        return self.spec.cls.role == "source"
+
     def failed(self, what: str, exc: BaseException | None) -> None:
         self.fail_count += 1
+        self.dirty = True
         if not self.failing:
             self.failing = True
             self.fail_since = time.monotonic()
@@ -333,6 +343,7 @@ class Runtime:
                 if msg is None:
                     return
             stats.received += 1
+            slot.dirty = False
             try:
                 if transform is not None:
                     data = transform(msg)
@@ -354,7 +365,7 @@ class Runtime:
                 continue
             if auto_ack:
                 msg.settle_ack()
-            if slot.failing:
+            if slot.failing and not slot.dirty:
                 slot.recovered()
 
     async def _stop_instance(self, slot: _Slot, inst: Node[Any]) -> None:
@@ -379,15 +390,11 @@ class Runtime:
         """Point every producer at its consumers' queues and tell each queue its producers."""
         for slot in self.slots.values():
             slot.targets = [
-                c.inbox
-                for c in self.slots.values()
-                if slot.id in c.inputs and c.inbox is not None
+                c.inbox for c in self.slots.values() if slot.id in c.inputs and c.inbox is not None
             ]
         for slot in self.slots.values():
             if slot.inbox is not None:
-                live = {
-                    i for i in slot.inputs if i in self.slots and not self.slots[i].finished
-                }
+                live = {i for i in slot.inputs if i in self.slots and not self.slots[i].finished}
                 slot.inbox.set_producers(live)
 
     async def _apply(self, new: FlowSpec) -> ReloadReport:

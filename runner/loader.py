@@ -20,7 +20,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
 from runner import registry
-from runner.config import ConsumerConfig, NodeConfig
+from runner.config import ConsumerConfig, MappingKeyError, NodeConfig
 from runner.errors import FlowError, FlowInvalid
 from runner.graph import find_cycle
 from runner.node import Node
@@ -257,6 +257,9 @@ class _Loader:
             else:
                 if msg.startswith("Value error, "):
                     msg = msg[len("Value error, ") :]
+                cause = err.get("ctx", {}).get("error")
+                if isinstance(cause, MappingKeyError):
+                    loc = (*loc, cause.key)
                 self.error((*where, *loc), msg)
 
     def check_graph(self, specs: Mapping[str, NodeSpec], raw_nodes: CommentedMap) -> None:

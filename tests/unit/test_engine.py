@@ -23,7 +23,7 @@ async def test_messages_flow_and_are_acked_after_the_sink_wrote_them() -> None:
     )
     await run_until_done(rt)
     assert [m.data["i"] for m in kinds.COLLECTED["out"]] == list(range(50))
-    assert kinds.SETTLED == {i: (True, None) for i in range(50)}
+    assert {i: (True, None) for i in range(50)} == kinds.SETTLED
     stats = rt.stats()
     assert stats["src"]["out"] == 50
     assert stats["out"]["in"] == 50
@@ -64,7 +64,9 @@ async def test_fan_in_delivers_from_every_input() -> None:
     assert sources == ["a"] * 3 + ["b"] * 4
 
 
-async def test_sink_error_nacks_the_message_and_restarts_the_sink(caplog: pytest.LogCaptureFixture) -> None:
+async def test_sink_error_nacks_the_message_and_restarts_the_sink(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO)
     rt = Runtime(
         flow(

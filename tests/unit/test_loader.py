@@ -85,7 +85,9 @@ def test_sink_as_input() -> None:
         "flow: f\nnodes:\n  src: {type: t_source}\n"
         "  a: {type: t_collect, inputs: [src]}\n  b: {type: t_collect, inputs: [a]}\n"
     )
-    assert errors(text) == ["f.yaml:5:33: nodes.b.inputs.0: 'a' is a sink: it emits nothing to take as input"]
+    assert errors(text) == [
+        "f.yaml:5:33: nodes.b.inputs.0: 'a' is a sink: it emits nothing to take as input"
+    ]
 
 
 def test_cycle() -> None:

@@ -126,7 +126,9 @@ async def test_rewire_moves_a_consumer_to_another_input() -> None:
     assert after[0] > 1000
 
 
-async def test_file_edit_is_applied_and_invalid_edit_is_ignored(tmp_path: Path, capsys: object) -> None:
+async def test_file_edit_is_applied_and_invalid_edit_is_ignored(
+    tmp_path: Path, capsys: object
+) -> None:
     path = tmp_path / "flow.yaml"
     path.write_text(textwrap.dedent(BASE))
     from runner.loader import load_file

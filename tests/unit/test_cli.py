@@ -1,0 +1,160 @@
+"""The flowrun command line, run as a real process where it matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.cli import main
+from runner.schema import render
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = "flow: g\nnodes:\n  gen: {type: generate, count: 3, fields: {v: 'i'}}\n  out: {type: debug, inputs: [gen]}\n"
+
+
+def flowrun(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runner.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_validate_reports_every_error_of_every_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    bad1 = tmp_path / "bad1.yaml"
+    bad1.write_text("flow: b\nnodes:\n  gen:\n    type: generat\n")
+    bad2 = tmp_path / "bad2.yaml"
+    bad2.write_text(
+        "flow: b\nnodes:\n  gen: {type: generate, count: 3, fields: {v: 1}}\n  out:\n    type: debug\n    inputs: [gne]\n"
+    )
+    res = flowrun("validate", str(good), str(bad1), str(bad2))
+    assert res.returncode == 2
+    lines = res.stdout.splitlines()
+    assert lines == [
+        f"{bad1}:4:11: nodes.gen.type: unknown node type 'generat'; did you mean 'generate'?",
+        f"{bad2}:6:14: nodes.out.inputs.0: unknown input 'gne'; did you mean 'gen'?",
+    ]
+
+
+def test_validate_ok_exits_zero(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    assert main(["validate", str(good)]) == 0
+
+
+def test_shipped_flows_validate() -> None:
+    flows = sorted(str(p) for p in (ROOT / "flows").rglob("*.yaml"))
+    assert flows
+    res = flowrun("validate", *flows)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_run_for_seconds_prints_debug_lines_and_exits_zero(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text(GOOD)
+    res = flowrun(str(path), "--for", "5", "--no-reload")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [line["data"]["v"] for line in lines] == [0, 1, 2]
+    assert all(line["source"] == "gen" for line in lines)
+
+
+def test_run_invalid_flow_exits_two(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("flow: x\nnodes:\n  a: {type: nope}\n")
+    res = flowrun("run", str(path))
+    assert res.returncode == 2
+    assert f"{path}:3:13: nodes.a.type: unknown node type 'nope'" in res.stderr
+
+
+def test_graph_is_mermaid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text(GOOD.replace("out:", "my-out:"))
+    assert main(["graph", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == ["%% flow: g", "flowchart LR"]
+    assert '    n_gen(["gen<br/><small>generate</small>"])' in out
+    assert "    n_gen --> n_my__out" in out
+
+
+def test_nodes_lists_kinds_and_describes_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nodes"]) == 0
+    listing = capsys.readouterr().out
+    for kind in ("generate", "debug", "merge", "derive", "throttle"):
+        assert any(line.split()[0] == kind for line in listing.splitlines()), kind
+    assert main(["nodes", "merge"]) == 0
+    doc = capsys.readouterr().out
+    assert doc.startswith("merge (processor): ")
+    assert "  emit_on: str = required" in doc
+    assert "  queue_size: int = 1000" in doc
+    assert main(["nodes", "merj"]) == 2
+
+
+def test_committed_schema_is_current() -> None:
+    # in a fresh process: this one has the test-only t_* kinds registered
+    committed = (ROOT / "flows" / "flow.schema.json").read_text()
+    assert committed == flowrun("schema").stdout, (
+        "flows/flow.schema.json is stale: run `make schema`"
+    )
+
+
+def test_schema_covers_every_kind_and_flows_reference_it() -> None:
+    schema = json.loads(render())
+    kinds = schema["$defs"]["node"]["properties"]["type"]["enum"]
+    assert {"generate", "debug", "merge", "derive", "throttle"} <= set(kinds)
+    gen = schema["$defs"]["node.generate"]
+    assert gen["additionalProperties"] is False
+    assert "interval_s" in gen["properties"]
+    for flow in (ROOT / "flows").rglob("*.yaml"):
+        first = flow.read_text().splitlines()[0]
+        assert first.startswith("# yaml-language-server: $schema="), flow
+
+
+def test_third_party_kinds_register_through_entry_points(tmp_path: Path) -> None:
+    # a real distribution on sys.path, found by importlib.metadata like an installed plugin
+    (tmp_path / "energy_plugin.py").write_text(
+        "from runner import ConsumerConfig, Processor, node\n\n"
+        "class DoubleConfig(ConsumerConfig):\n    field: str\n\n"
+        '@node("plugin_double")\n'
+        "class Double(Processor[DoubleConfig]):\n"
+        '    """Doubles one field (a third-party kind)."""\n\n'
+        "    def transform(self, msg):\n"
+        "        return {**msg.data, self.config.field: msg.data[self.config.field] * 2}\n"
+    )
+    dist = tmp_path / "energy_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: energy-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[flowrun.nodes]\ndouble = energy_plugin\n")
+    flow = tmp_path / "f.yaml"
+    flow.write_text(
+        "flow: p\nnodes:\n  gen: {type: generate, count: 2, fields: {v: 'i + 1'}}\n"
+        "  dbl: {type: plugin_double, inputs: [gen], field: v}\n"
+        "  out: {type: debug, inputs: [dbl]}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    res = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "nodes"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert "plugin_double  processor  Doubles one field (a third-party kind)." in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "run", str(flow), "--no-reload"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    assert [json.loads(x)["data"]["v"] for x in res.stdout.splitlines()] == [2, 4]
