@@ -23,19 +23,6 @@ class ThrottleConfig(ConsumerConfig):
     )
 
 
-def _settle_all(acks: list[Ack]) -> Ack:
-    """One ack that settles every ack of `acks` the way it is itself settled."""
-
-    def settle(ok: bool, reason: str | None) -> None:
-        for ack in acks:
-            if ok:
-                ack.ack()
-            else:
-                ack.nack(reason or "nacked")
-
-    return Ack(settle)
-
-
 @node("throttle")
 class Throttle(Processor[ThrottleConfig]):
     """Passes at most one message per interval_s: the interval's last one, or its average.
@@ -102,8 +89,7 @@ class Throttle(Processor[ThrottleConfig]):
             sums, counts, other = self._sum, self._n, self._other
             data = {k: sums[k] / counts[k] if k in counts else other.get(k) for k in self._keys}
             self._keys, self._sum, self._n, self._other = {}, {}, {}, {}
-        acks = self._acks
-        ack = None if not acks else acks[0] if len(acks) == 1 else _settle_all(acks)
+        ack = Ack.joined(self._acks)
         self._last = None
         self._acks = []
         return Message(last.ts, self.ctx.node_id, data, last.seq, ack)

@@ -39,6 +39,24 @@ class Ack:
             self.settled = True
             self._on_settle(False, reason)
 
+    @staticmethod
+    def joined(acks: list[Ack]) -> Ack | None:
+        """One ack standing for several (a message that represents many, e.g. an average):
+        settling it settles each of them the same way."""
+        if not acks:
+            return None
+        if len(acks) == 1:
+            return acks[0]
+
+        def settle(ok: bool, reason: str | None) -> None:
+            for ack in acks:
+                if ok:
+                    ack.ack()
+                else:
+                    ack.nack(reason or "nacked")
+
+        return Ack(settle)
+
 
 class FanOut:
     """Splits one ack into `n` child acks: the parent settles once every child has.
