@@ -121,6 +121,7 @@ class Channel:
 
     def _wake_getter(self) -> None:
         fut = self._getter
+        self._getter = None  # once woken, later puts need not try again
         if fut is not None and not fut.done():
             fut.set_result(None)
 

@@ -77,7 +77,6 @@ def measure() -> tuple[float | None, Details]:
         try:
             p = psutil.Process(proc.pid)
             sampler = RssSampler(proc.pid, interval_s=0.25)
-            sampler.sample()
             cpu0 = w0 = None
             while (now := time.perf_counter()) - t0 < IDLE_S:
                 if proc.poll() is not None:

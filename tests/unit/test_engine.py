@@ -190,3 +190,26 @@ async def test_drop_oldest_counts_and_nacks_every_drop() -> None:
     assert all(kinds.SETTLED[i][1] == "dropped: queue full" for i in nacked)
     # the newest messages survive a drop_oldest queue
     assert kinds.COLLECTED["out"][-1].data["i"] == 199
+
+
+async def test_derive_error_streak_is_logged_once_and_the_flow_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    rt = Runtime(
+        flow(
+            "flow: f\nnodes:\n  src: {type: t_source, count: 6}\n"
+            "  d:\n    type: derive\n    inputs: [src]\n"
+            "    fields: {x: '1 / (0 if i < 3 else 1)', y: 'i * 2'}\n"
+            "  out: {type: t_collect, inputs: [d]}\n"
+        )
+    )
+    await run_until_done(rt)
+    got = [(m.data["x"], m.data["y"]) for m in kinds.COLLECTED["out"]]
+    assert got == [(None, 0), (None, 2), (None, 4), (1.0, 6), (1.0, 8), (1.0, 10)]
+    assert rt.stats()["d"]["errors"] == 3
+    assert all(ok for ok, _ in kinds.SETTLED.values()) and len(kinds.SETTLED) == 6
+    d_logs = [r for r in caplog.records if r.name == "flowrun.node.d"]
+    assert [r.levelno for r in d_logs] == [logging.ERROR, logging.WARNING]
+    assert "ZeroDivisionError" in d_logs[0].getMessage()
+    assert "recovered after 3 failure(s)" in d_logs[1].getMessage()
