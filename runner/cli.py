@@ -11,7 +11,8 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -27,12 +28,19 @@ from runner.systemd import notify, watchdog, watchdog_interval_s
 log = logging.getLogger("flowrun")
 
 COMMANDS = ("run", "validate", "graph", "nodes", "schema")
+# node packages add device tools as `flowrun NAME ...`: an entry point whose object is
+# `main(argv: list[str]) -> int`
+COMMAND_GROUP = "flowrun.commands"
 EXIT_INVALID = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    extra = sorted(_plugin_commands())
     p = argparse.ArgumentParser(
         prog="flowrun",
+        epilog=("device tools: " + ", ".join(f"flowrun {c} --help" for c in extra))
+        if extra
+        else None,
         description="Run YAML flows of typed nodes. `flowrun FLOW` means `flowrun run FLOW`.",
     )
     p.add_argument("--version", action="version", version=f"flowrun {__version__}")
@@ -69,9 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plugin_commands() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in and args_in[0] not in COMMANDS and not args_in[0].startswith("-"):
+        plugin = _plugin_commands().get(args_in[0])
+        if plugin is not None:
+            # a device tool that ships with a node package (e.g. homewizard-pair)
+            command: Callable[[list[str]], int] = plugin.load()
+            return command(args_in[1:])
         args_in.insert(0, "run")
     args = _parser().parse_args(args_in)
     if args.command == "run":

@@ -223,7 +223,7 @@ class _Loader:
             return None
         cls = registry.get(kind)
         if cls is None:
-            hint = _did_you_mean(kind, list(registry.kinds()))
+            hint = _did_you_mean(kind, registry.names())
             self.error((*where, "type"), f"unknown node type {kind!r}{hint}")
             return None
         raw = {k: v for k, v in body.items() if k != "type"}

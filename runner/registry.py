@@ -8,7 +8,7 @@ import logging
 import pkgutil
 import typing
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 from runner.config import NodeConfig
@@ -54,22 +54,29 @@ def summary(cls: type[Node[Any]]) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def _builtin_modules() -> list[str]:
+    import nodes as builtin
+
+    return [m.name for m in pkgutil.iter_modules(builtin.__path__) if not m.name.startswith("_")]
+
+
+def _load_plugin(ep: EntryPoint) -> None:
+    try:
+        ep.load()
+    except Exception as exc:  # a broken plugin must not take the built-in kinds down
+        log.error("cannot load node plugin %s (%s): %s", ep.name, ep.value, exc)
+
+
 def load_all() -> None:
     """Import every in-tree node module and every `flowrun.nodes` entry point, once."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import nodes as builtin
-
-    for mod in pkgutil.iter_modules(builtin.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"nodes.{mod.name}")
+    for name in _builtin_modules():
+        importlib.import_module(f"nodes.{name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plugin must not take the built-in kinds down
-            log.error("cannot load node plugin %s (%s): %s", ep.name, ep.value, exc)
+        _load_plugin(ep)
 
 
 def kinds() -> dict[str, type[Node[Any]]]:
@@ -78,10 +85,31 @@ def kinds() -> dict[str, type[Node[Any]]]:
 
 
 def get(kind: str) -> type[Node[Any]] | None:
-    load_all()
+    """The class of `kind`, importing only what it needs.
+
+    Device kinds pull in heavy libraries (aiohttp, pymodbus); a flow that does not use them
+    should not pay their start time and memory on a Pi. So an in-tree kind is imported from
+    its own module (`nodes/<kind>.py`), a plugin kind from the entry point named after it,
+    and only an unknown kind makes everything load.
+    """
+    if kind in _KINDS:
+        return _KINDS[kind]
+    if kind in _builtin_modules():
+        importlib.import_module(f"nodes.{kind}")
+    elif not _loaded:
+        for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
+            _load_plugin(ep)
+        if kind not in _KINDS:
+            load_all()
     return _KINDS.get(kind)
 
 
+def names() -> list[str]:
+    """Every known kind name, for suggestions, without importing the modules."""
+    found = set(_KINDS) | set(_builtin_modules())
+    found.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(found)
+
+
 def suggest(kind: str) -> list[str]:
-    load_all()
-    return difflib.get_close_matches(kind, list(_KINDS), n=3, cutoff=0.5)
+    return difflib.get_close_matches(kind, names(), n=3, cutoff=0.5)
