@@ -10,11 +10,13 @@ from runner.message import Ack, Data, Message, Scalar, utcnow
 from runner.node import Node, NodeContext, Processor, Sink, Source
 from runner.registry import node
 from runner.stats import NodeStats
+from runner.timing import Backoff, every
 
 __all__ = [
     "DEFAULT_GLOBALS",
     "MATH_GLOBALS",
     "Ack",
+    "Backoff",
     "ConsumerConfig",
     "Data",
     "ExprError",
@@ -32,6 +34,7 @@ __all__ = [
     "Source",
     "SourceConfig",
     "compile_expr",
+    "every",
     "node",
     "utcnow",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,20 +30,9 @@ from runner.loader import FlowSpec, NodeSpec
 from runner.message import Data, FanOut, Message
 from runner.node import Node, Processor, Sink, Source
 from runner.stats import NodeStats
+from runner.timing import Backoff
 
 log = logging.getLogger("flowrun.engine")
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Jittered exponential backoff: the n-th delay lies in [d/2, d], d = initial * 2**n."""
-
-    initial_s: float = 0.2
-    max_s: float = 30.0
-
-    def delay(self, attempt: int) -> float:
-        d: float = min(self.max_s, self.initial_s * 2.0 ** min(attempt, 30))
-        return d / 2 + random.uniform(0, d / 2)
 
 
 @dataclass
