@@ -15,9 +15,11 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import aiohttp
+if TYPE_CHECKING:
+    # nodes._http raises the errors below: it imports this module, not the other way round
+    from nodes._http import HttpClient
 
 # "HomeWizard Appliance Access CA", X.509 v1, valid 2021-12-18 .. 2031-12-16, SHA-256
 # 4ec277e62033fae8bc373e3f2a976676d3f665683873f1ea8e3bdf78ac680003. Copied from HW-LIB
@@ -129,7 +131,7 @@ def error_code(body: Any) -> str | None:
 
 
 async def request_json(
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     method: str,
     url: str,
     *,
@@ -141,38 +143,16 @@ async def request_json(
 ) -> Reply:
     """One request; transport failures become DeviceErrors. A 200 must be a JSON object
     or array; other statuses come back as they are, for the caller to judge."""
-    kwargs: dict[str, Any] = {}
-    if ssl_ctx is not None:
-        kwargs["ssl"] = ssl_ctx
-    if server_hostname is not None:
-        kwargs["server_hostname"] = server_hostname
-    if json_body is not None:
-        kwargs["json"] = json_body
-    try:
-        async with (
-            asyncio.timeout(timeout_s),
-            session.request(method, url, headers=headers, **kwargs) as resp,
-        ):
-            raw = await resp.content.read(MAX_BODY + 1)
-            status = resp.status
-    except TimeoutError:
-        raise DeviceTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None
-    except aiohttp.ClientConnectorCertificateError as exc:
-        cert_err = exc.certificate_error
-        reason = str(getattr(cert_err, "verify_message", None) or cert_err).rstrip(".")
-        raise TlsRejected(f"TLS certificate rejected: {reason}") from None
-    except aiohttp.ClientSSLError as exc:
-        raise TlsRejected(f"TLS handshake failed: {exc}") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise DeviceUnreachable(f"cannot connect: {exc.os_error.strerror or exc}") from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
-        raise ConnectionDropped(f"connection dropped: {exc}") from None
-    except aiohttp.ClientOSError as exc:
-        raise ConnectionDropped(f"connection dropped: {exc.strerror or exc}") from None
-    except aiohttp.ClientError as exc:
-        raise DeviceError(f"{type(exc).__name__}: {exc}") from None
-    if len(raw) > MAX_BODY:
-        raise BadPayload(f"response larger than {MAX_BODY} bytes")
+    resp = await client.request(
+        method,
+        url,
+        timeout_s=timeout_s,
+        headers=headers,
+        json_body=json_body,
+        ssl_ctx=ssl_ctx,
+        server_hostname=server_hostname,
+    )
+    raw, status = resp.body, resp.status
     try:
         body = json.loads(raw) if raw.strip() else None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -291,12 +271,12 @@ class P1Client:
     def __init__(
         self,
         target: P1Target,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         timeout_s: float,
         log: logging.Logger,
     ) -> None:
         self.t = target
-        self.session = session
+        self.client = client
         self.timeout_s = timeout_s
         self.log = log
         self._serial = target.serial
@@ -310,7 +290,7 @@ class P1Client:
     async def fetch(self) -> Any:
         url = self.t.base_url() + self.t.path
         if self.t.api == "v1":
-            reply = await request_json(self.session, "GET", url, timeout_s=self.timeout_s)
+            reply = await request_json(self.client, "GET", url, timeout_s=self.timeout_s)
             if reply.status == 403:
                 raise HttpError(
                     403, error_code(reply.body), "HTTP 403: enable the Local API in the app"
@@ -340,7 +320,7 @@ class P1Client:
             if self._serial is None:
                 self._serial = await self._discover_serial(headers)
             reply = await request_json(
-                self.session,
+                self.client,
                 "GET",
                 url,
                 timeout_s=self.timeout_s,
@@ -370,7 +350,7 @@ class P1Client:
     async def _discover_serial(self, headers: dict[str, str]) -> str:
         assert self._tls is not None
         reply = await request_json(
-            self.session,
+            self.client,
             "GET",
             self.t.base_url() + "/api",
             timeout_s=self.timeout_s,

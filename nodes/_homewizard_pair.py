@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
-
 from nodes._homewizard import (
     DeviceError,
     P1Target,
@@ -29,6 +27,7 @@ from nodes._homewizard import (
     request_json,
     tls_context,
 )
+from nodes._http import HttpClient
 
 NAME = re.compile(r"^local/[a-zA-Z0-9\-_/\\# ]{1,40}$")  # HW-DOC authorization.mdx
 RETRY_S = 1.0
@@ -84,11 +83,11 @@ async def pair(args: argparse.Namespace, out: list[str]) -> str | None:
     deadline = time.monotonic() + args.timeout
     asked = False
     last = ""
-    async with aiohttp.ClientSession() as session:
+    async with HttpClient() as client:
         while True:
             try:
                 reply = await request_json(
-                    session,
+                    client,
                     "POST",
                     target.base_url() + "/api/user",
                     timeout_s=min(5.0, max(0.5, deadline - time.monotonic())),

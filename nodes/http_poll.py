@@ -13,11 +13,11 @@ from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import aiohttp
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from nodes._fieldmap import FieldMap, Rename, compile_path, load_profile, profile_path
 from nodes._homewizard import DeviceError, P1Client, P1Target, http_error, request_json
+from nodes._http import HttpClient
 from runner import Backoff, MappingKeyError, NodeContext, Source, SourceConfig, every, node
 
 NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -176,7 +176,9 @@ class HttpPollConfig(SourceConfig):
                 f"`flowrun homewizard-pair {self.host} --token-file FILE`)"
             )
         if self.api == "v1":
-            v2_only = [f for f in ("token_file", "ca_file", "serial") if f in given]
+            v2_only = [
+                f for f in ("token_file", "ca_file", "serial") if getattr(self, f) is not None
+            ]
             if v2_only:
                 raise ValueError(f"{', '.join(v2_only)}: only for api v2")
         return self
@@ -189,13 +191,11 @@ class HttpPollConfig(SourceConfig):
 
 
 class UrlClient:
-    def __init__(
-        self, config: HttpPollConfig, session: aiohttp.ClientSession, timeout_s: float
-    ) -> None:
+    def __init__(self, config: HttpPollConfig, client: HttpClient, timeout_s: float) -> None:
         assert config.url is not None
         self.config = config
         self.url = config.url
-        self.session = session
+        self.client = client
         self.timeout_s = timeout_s
         parts = urlsplit(config.url)
         # the query may carry a key: keep it out of logs
@@ -203,7 +203,7 @@ class UrlClient:
 
     async def fetch(self) -> Any:
         reply = await request_json(
-            self.session,
+            self.client,
             self.config.method,
             self.url,
             timeout_s=self.timeout_s,
@@ -246,19 +246,16 @@ class HttpPoll(Source[HttpPollConfig]):
     def __init__(self, config: HttpPollConfig, ctx: NodeContext) -> None:
         super().__init__(config, ctx)
         self.fields = build_field_map(config)
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HttpClient | None = None
         self._client: UrlClient | P1Client | None = None
         self._warned: set[str] = set()
 
     async def start(self) -> None:
         cfg = self.config
         timeout_s = cfg.timeout_ms / 1000
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-            connector=aiohttp.TCPConnector(limit=2),
-        )
+        self._http = HttpClient()
         if cfg.profile is None:
-            self._client = UrlClient(cfg, self._session, timeout_s)
+            self._client = UrlClient(cfg, self._http, timeout_s)
         else:
             assert cfg.host is not None
             target = P1Target(
@@ -270,12 +267,12 @@ class HttpPoll(Source[HttpPollConfig]):
                 ca_file=cfg.ca_file,
                 serial=cfg.serial,
             )
-            self._client = P1Client(target, self._session, timeout_s, self.ctx.log)
+            self._client = P1Client(target, self._http, timeout_s, self.ctx.log)
 
     async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     def _bad_value(self, name: str, value: Any, how: str, exc: Exception) -> None:
         if name not in self._warned:  # a device that always sends it would flood the log

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
 import types
 import typing
 from collections.abc import Callable, Sequence
-from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -25,6 +26,9 @@ from runner.loader import FlowSpec, load_file
 from runner.reload import ReloadController
 from runner.systemd import notify, watchdog, watchdog_interval_s
 
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
 log = logging.getLogger("flowrun")
 
 COMMANDS = ("run", "validate", "graph", "nodes", "schema")
@@ -34,8 +38,9 @@ COMMAND_GROUP = "flowrun.commands"
 EXIT_INVALID = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    extra = sorted(_plugin_commands())
+def _parser(with_tools: bool = True) -> argparse.ArgumentParser:
+    # listing the tools reads every installed package's metadata: only for --help
+    extra = sorted(_plugin_commands()) if with_tools else []
     p = argparse.ArgumentParser(
         prog="flowrun",
         epilog=("device tools: " + ", ".join(f"flowrun {c} --help" for c in extra))
@@ -78,19 +83,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plugin_commands() -> dict[str, EntryPoint]:
+    from importlib.metadata import entry_points
+
     return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def _is_flow_path(arg: str) -> bool:
+    # `flowrun flows/edge.yaml` is the common case on a Pi: no metadata scan for it
+    return "/" in arg or arg.endswith((".yaml", ".yml")) or os.path.exists(arg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in and args_in[0] not in COMMANDS and not args_in[0].startswith("-"):
-        plugin = _plugin_commands().get(args_in[0])
+        plugin = None if _is_flow_path(args_in[0]) else _plugin_commands().get(args_in[0])
         if plugin is not None:
             # a device tool that ships with a node package (e.g. homewizard-pair)
             command: Callable[[list[str]], int] = plugin.load()
             return command(args_in[1:])
         args_in.insert(0, "run")
-    args = _parser().parse_args(args_in)
+    args = _parser(with_tools=not args_in or bool({"-h", "--help"} & set(args_in))).parse_args(
+        args_in
+    )
     if args.command == "run":
         return cmd_run(args)
     if args.command == "validate":

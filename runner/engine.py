@@ -33,6 +33,8 @@ from runner.stats import NodeStats
 from runner.timing import Backoff
 
 log = logging.getLogger("flowrun.engine")
+# longest wait for every start() before work begins regardless
+START_GATE_S = 10.0
 
 
 @dataclass
@@ -194,6 +196,11 @@ class Runtime:
         self._lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
         self._retired: list[_Slot] = []
+        # every node's start() (a simulator binding its socket, a client opening its
+        # session) completes before any node's work begins, so a poller listed before the
+        # device it polls does not begin with a refused connection
+        self._unstarted: set[str] = set()
+        self._gate = asyncio.Event()
         for node_id in topo_order({i: n.inputs for i, n in spec.nodes.items()}):
             self.slots[node_id] = _Slot(spec.nodes[node_id], spec.name, spec.vars)
         self._wire()
@@ -223,8 +230,10 @@ class Runtime:
         """Start every node, wait for the end (all done, or a stop request), stop cleanly."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            self._unstarted = set(self.slots)
             for slot in self.slots.values():
                 self._launch(slot)
+            await self._starts_done()
             self.started.set()
             log.info("flow %s running: %d nodes", self.spec.name, len(self.slots))
             waiter = asyncio.create_task(self._stop.wait())
@@ -246,6 +255,22 @@ class Runtime:
 
     # supervision -------------------------------------------------------------------------
 
+    async def _starts_done(self) -> None:
+        if not self._unstarted:
+            self._gate.set()
+        stop = asyncio.create_task(self._stop.wait())
+        gate = asyncio.create_task(self._gate.wait())
+        # a start() that hangs must not hold the others back for long
+        await asyncio.wait([stop, gate], timeout=START_GATE_S, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        gate.cancel()
+        self._gate.set()
+
+    def _start_attempted(self, slot: _Slot) -> None:
+        self._unstarted.discard(slot.id)
+        if not self._unstarted:
+            self._gate.set()
+
     def _launch(self, slot: _Slot) -> None:
         assert self._tg is not None
         slot.task = self._tg.create_task(self._supervise(slot), name=f"node:{slot.id}")
@@ -258,7 +283,11 @@ class Runtime:
                 slot.instance = inst
                 crashed: BaseException | None = None
                 try:
-                    await inst.start()
+                    try:
+                        await inst.start()
+                    finally:
+                        self._start_attempted(slot)
+                    await self._gate.wait()
                     slot.work = asyncio.create_task(self._work(slot, inst))
                     slot.restarted.set()
                     await slot.work

@@ -130,6 +130,8 @@ class _Loader:
         if not isinstance(value, str) or "$" not in value:
             return value
 
+        missing: list[str] = []
+
         def replace(m: re.Match[str]) -> str:
             if m.group(0) == "$${":
                 return "${"
@@ -141,9 +143,15 @@ class _Loader:
             if default is not None:
                 return default
             self.error(where, f"variable ${{{name}}} is not set (give a default: ${{{name}:-…}})")
-            return ""
+            missing.append(name)
+            return m.group(0)  # left as written, so the field's own checks add no noise
 
-        return VAR_REF.sub(replace, value)
+        out = VAR_REF.sub(replace, value)
+        # `port: ${P1_PORT:-}`: a value that is one reference and comes out empty means
+        # "not given" (null), so a flow can leave an optional field to the environment
+        if out == "" and not missing and VAR_REF.fullmatch(value):
+            return None
+        return out
 
     def load(self, text: str) -> FlowSpec:
         yaml = YAML(typ="rt")
@@ -184,7 +192,8 @@ class _Loader:
             if isinstance(value, CommentedMap | CommentedSeq):
                 self.error(("vars", var), "a var is a single value")
                 continue
-            scope[str(var)] = str(self.substitute(_plain(value), ("vars", var), scope))
+            resolved = self.substitute(_plain(value), ("vars", var), scope)
+            scope[str(var)] = "" if resolved is None else str(resolved)
 
         specs: dict[str, NodeSpec] = {}
         raw_nodes = root.get("nodes")

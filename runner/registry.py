@@ -8,11 +8,13 @@ import logging
 import pkgutil
 import typing
 from collections.abc import Callable
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from runner.config import NodeConfig
 from runner.node import Node
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 log = logging.getLogger("flowrun.registry")
 
@@ -60,6 +62,15 @@ def _builtin_modules() -> list[str]:
     return [m.name for m in pkgutil.iter_modules(builtin.__path__) if not m.name.startswith("_")]
 
 
+def _plugins(name: str | None = None) -> list[EntryPoint]:
+    # importlib.metadata reads every installed package's metadata: imported and asked only
+    # when a flow names a kind that is not built in, or everything is listed
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in found if name is None or ep.name == name]
+
+
 def _load_plugin(ep: EntryPoint) -> None:
     try:
         ep.load()
@@ -75,7 +86,7 @@ def load_all() -> None:
     _loaded = True
     for name in _builtin_modules():
         importlib.import_module(f"nodes.{name}")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in _plugins():
         _load_plugin(ep)
 
 
@@ -87,7 +98,7 @@ def kinds() -> dict[str, type[Node[Any]]]:
 def get(kind: str) -> type[Node[Any]] | None:
     """The class of `kind`, importing only what it needs.
 
-    Device kinds pull in heavy libraries (aiohttp, pymodbus); a flow that does not use them
+    Device kinds pull in heavy libraries (pymodbus, aiomqtt); a flow that does not use them
     should not pay their start time and memory on a Pi. So an in-tree kind is imported from
     its own module (`nodes/<kind>.py`), a plugin kind from the entry point named after it,
     and only an unknown kind makes everything load.
@@ -97,7 +108,7 @@ def get(kind: str) -> type[Node[Any]] | None:
     if kind in _builtin_modules():
         importlib.import_module(f"nodes.{kind}")
     elif not _loaded:
-        for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind):
+        for ep in _plugins(kind):
             _load_plugin(ep)
         if kind not in _KINDS:
             load_all()
@@ -107,7 +118,7 @@ def get(kind: str) -> type[Node[Any]] | None:
 def names() -> list[str]:
     """Every known kind name, for suggestions, without importing the modules."""
     found = set(_KINDS) | set(_builtin_modules())
-    found.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    found.update(ep.name for ep in _plugins())
     return sorted(found)
 
 

@@ -81,3 +81,29 @@ class ManualSink(Sink[ManualConfig]):
 
     async def write(self, msg: Message) -> None:
         COLLECTED[self.node_id].append(msg)
+
+
+class SlowStartConfig(SourceConfig):
+    start_s: float = 0.3
+
+
+@node("t_slow_start")
+class SlowStart(Source[SlowStartConfig]):
+    """Takes `start_s` to start (a server binding its socket), then records that it runs."""
+
+    ready: ClassVar[set[str]] = set()
+
+    async def start(self) -> None:
+        await asyncio.sleep(self.config.start_s)
+        SlowStart.ready.add(self.node_id)
+
+    async def run(self) -> None:
+        await self.emit(self.message({"ready": sorted(SlowStart.ready)}))
+
+
+@node("t_probe")
+class Probe(Source[SourceConfig]):
+    """Emits once, at the start of its work, which t_slow_start nodes had started by then."""
+
+    async def run(self) -> None:
+        await self.emit(self.message({"ready": ",".join(sorted(SlowStart.ready))}))

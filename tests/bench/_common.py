@@ -129,10 +129,16 @@ def spawn(
     stdout: int | IO[Any] | None = subprocess.PIPE,
     stderr: int | IO[Any] | None = subprocess.DEVNULL,
     cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a child and remember its PID, so it is stopped however this script ends."""
     proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=cwd, env=child_env()
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=cwd,
+        env={**child_env(), **(env or {})},
     )
     _children[proc.pid] = proc
     return proc

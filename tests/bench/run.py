@@ -36,6 +36,9 @@ def timeout_for(name: str, default: float) -> float:
     if name == "idle":  # its length is configurable; leave room for start and stop
         idle_s = float(os.environ.get("FLOWRUN_BENCH_IDLE_S", "60"))
         return max(default, idle_s + 90)
+    if name == "edge":
+        edge_s = float(os.environ.get("FLOWRUN_BENCH_EDGE_S", "120"))
+        return max(default, edge_s + 90)
     return default
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -24,19 +23,13 @@ from nodes.homewizard_sim import Faults, HomewizardSim
 from runner.engine import Runtime
 from runner.loader import load_text
 from tests import kinds
+from tests.net import free_port
 from tests.unit.nodectx import build
 
 SERIAL = "3c39e7aabbcc"
 TOKEN = "0123456789ABCDEF0123456789ABCDEF"
 WINTER = "2026-01-14T18:00:00Z"  # Wednesday 19:00 in Brussels: day tariff, importing
 SUMMER = "2026-06-15T10:00:00Z"  # Monday noon in Brussels: exporting
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def until(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:

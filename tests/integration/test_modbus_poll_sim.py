@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from runner.engine import Runtime
 from runner.loader import load_text
 from tests import kinds
 from tests.integration.test_sungrow_sim import EVENING, household, sim_running
+from tests.net import free_port
 from tests.unit.nodectx import Ctx, build
 
 FAST = {
@@ -277,12 +277,6 @@ async def test_device_faults_are_retried_counted_and_logged_once(
         assert len(recovered) == 1
         assert f"after {stats['errors']} failure(s)" in recovered[0]
         assert collected()[-1].data["pv_power_w"] is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_device_down_at_start_is_retried_with_backoff(

@@ -17,13 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 GOOD = "flow: g\nnodes:\n  gen: {type: generate, count: 3, fields: {v: 'i'}}\n  out: {type: debug, inputs: [gen]}\n"
 
 
-def flowrun(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def flowrun(
+    *args: str, timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "runner.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -51,11 +54,34 @@ def test_validate_ok_exits_zero(tmp_path: Path) -> None:
     assert main(["validate", str(good)]) == 0
 
 
+# what a household sets in /etc/flowrun/edge.env: the flows have no default LAN addresses
+EDGE_ENV = {"P1_HOST": "127.0.0.1", "INVERTER_HOST": "127.0.0.1", "DSMR_HOST": "127.0.0.1"}
+
+
 def test_shipped_flows_validate() -> None:
     flows = sorted(str(p) for p in (ROOT / "flows").rglob("*.yaml"))
-    assert flows
-    res = flowrun("validate", *flows)
+    assert "flows/edge.yaml" in [str(Path(f).relative_to(ROOT)) for f in flows]
+    res = flowrun("validate", *flows, env=EDGE_ENV)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_edge_flow_without_its_environment_names_the_missing_variables() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in EDGE_ENV}
+    res = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "validate", "flows/edge.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+    )
+    assert res.returncode == 2
+    assert res.stdout.splitlines() == [
+        "flows/edge.yaml:15:11: nodes.p1.host: variable ${P1_HOST} is not set "
+        "(give a default: ${P1_HOST:-…})",
+        "flows/edge.yaml:25:11: nodes.inverter.host: variable ${INVERTER_HOST} is not set "
+        "(give a default: ${INVERTER_HOST:-…})",
+    ]
 
 
 def test_run_for_seconds_prints_debug_lines_and_exits_zero(tmp_path: Path) -> None:

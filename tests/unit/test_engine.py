@@ -213,3 +213,18 @@ async def test_derive_error_streak_is_logged_once_and_the_flow_goes_on(
     assert [r.levelno for r in d_logs] == [logging.ERROR, logging.WARNING]
     assert "ZeroDivisionError" in d_logs[0].getMessage()
     assert "recovered after 3 failure(s)" in d_logs[1].getMessage()
+
+
+async def test_work_begins_only_after_every_start_completed() -> None:
+    # the probe is listed (and launched) first; the slow node is a server still binding
+    kinds.SlowStart.ready.clear()
+    rt = Runtime(
+        flow(
+            "flow: t\nnodes:\n"
+            "  probe: {type: t_probe}\n"
+            "  server: {type: t_slow_start, start_s: 0.3}\n"
+            "  out: {type: t_collect, inputs: [probe]}\n"
+        )
+    )
+    await run_until_done(rt)
+    assert [m.data["ready"] for m in kinds.COLLECTED["out"]] == ["server"]

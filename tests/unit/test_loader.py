@@ -186,6 +186,17 @@ nodes:
         spec = load_text(text, "f.yaml", env={"COUNT": "4"})
         assert spec.nodes["src"].config.count == 4  # type: ignore[attr-defined]
 
+    def test_a_lone_reference_that_comes_out_empty_is_null(self) -> None:
+        text = (
+            "flow: f\nvars:\n  d: ${DESC:-}\nnodes:\n"
+            "  a: {type: t_source, description: '${d}'}\n"
+            "  b: {type: t_source, description: 'x${d}'}\n"
+        )
+        spec = load_text(text, "f.yaml", env={})
+        assert spec.vars == {"d": ""}
+        assert spec.nodes["a"].config.description is None
+        assert spec.nodes["b"].config.description == "x"
+
     def test_unset_variable_is_an_error(self) -> None:
         text = "flow: f\nnodes:\n  src:\n    type: t_source\n    description: ${NOPE}\n"
         assert errors(text) == [

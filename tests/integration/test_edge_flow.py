@@ -1,0 +1,154 @@
+"""flows/edge.yaml as shipped, run by the flowrun CLI against the simulators (flows/examples/
+simulators.yaml in another flowrun process): P1 over API v1, and over v2 after pairing with
+`flowrun homewizard-pair`; the snapshot merges both devices and derives the house load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOWRUN = [sys.executable, "-m", "runner.cli"]
+
+
+def wait_listening(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def simulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    cert_dir = tmp_path_factory.mktemp("hw-ca")
+    ports = {
+        "SIM_P1_PORT": free_port(),
+        "SIM_P1_V2_PORT": free_port(),
+        "SIM_INVERTER_PORT": free_port(),
+        "SIM_DSMR_PORT": free_port(),
+    }
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "SIM_CERT_DIR": str(cert_dir)}
+    proc = subprocess.Popen(
+        [*FLOWRUN, "flows/examples/simulators.yaml", "--no-reload", "--for", "300"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for port in ports.values():
+            wait_listening(port)
+        yield {**ports, "ca": cert_dir / "ca.pem"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_edge(extra_env: dict[str, str], seconds: int = 8) -> list[dict[str, Any]]:
+    env = {
+        **os.environ,
+        "DEVICE_ID": "test-01",
+        "P1_HOST": "127.0.0.1",
+        "INVERTER_HOST": "127.0.0.1",
+        "INVERTER_PROFILE": "sungrow_sh_rt",
+        "EDGE_LOG_INTERVAL_S": "1",
+        **extra_env,
+    }
+    res = subprocess.run(
+        [*FLOWRUN, "flows/edge.yaml", "--no-reload", "--for", str(seconds)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "ERROR" not in res.stderr, res.stderr
+    return [json.loads(line)["data"] for line in res.stdout.splitlines()]
+
+
+def check_snapshots(snapshots: list[dict[str, Any]]) -> None:
+    assert len(snapshots) >= 4, snapshots
+    last = snapshots[-1]
+    assert last["device_id"] == "test-01"
+    # both devices are in it: the meter's counters and the inverter's battery
+    for field in ("grid_power_w", "grid_import_t1_kwh", "voltage_l1_v", "gas_total_m3"):
+        assert isinstance(last[field], int | float), field
+    for field in ("pv_power_w", "battery_soc_pct", "battery_power_w", "inverter_ac_power_w"):
+        assert isinstance(last[field], int | float), field
+    assert last["inverter_model"] == "SH10RT"
+    for s in snapshots:
+        if s.get("inverter_ac_power_w") is None:  # before the inverter's first answer
+            assert s["load_power_w"] is None
+            continue
+        assert s["load_power_w"] == max(0, s["inverter_ac_power_w"] + s["grid_power_w"])
+        assert s["import_w"] == max(0, s["grid_power_w"])
+        assert s["export_w"] == max(0, -s["grid_power_w"])
+        pct = s["self_sufficiency_pct"]
+        assert pct is None or 0 <= pct <= 100
+
+
+def test_edge_flow_over_api_v1(simulators: dict[str, Any]) -> None:
+    snapshots = run_edge(
+        {
+            "P1_PORT": str(simulators["SIM_P1_PORT"]),
+            "INVERTER_PORT": str(simulators["SIM_INVERTER_PORT"]),
+        }
+    )
+    check_snapshots(snapshots)
+
+
+def test_edge_flow_over_api_v2_after_pairing(simulators: dict[str, Any], tmp_path: Path) -> None:
+    token = tmp_path / "p1.token"
+    port = str(simulators["SIM_P1_V2_PORT"])
+    ca = str(simulators["ca"])
+    pair = subprocess.run(
+        [
+            *FLOWRUN,
+            "homewizard-pair",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--ca-file",
+            ca,
+            "--token-file",
+            str(token),
+            "--timeout",
+            "10",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    assert token.stat().st_mode & 0o777 == 0o600
+    snapshots = run_edge(
+        {
+            "P1_API": "v2",
+            "P1_PORT": port,
+            "P1_TOKEN_FILE": str(token),
+            "P1_CA_FILE": ca,
+            "INVERTER_PORT": str(simulators["SIM_INVERTER_PORT"]),
+        }
+    )
+    check_snapshots(snapshots)
