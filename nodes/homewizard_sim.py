@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import secrets
@@ -20,18 +19,15 @@ import ssl
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from nodes._certs import Authority
 from nodes._household import HouseholdConfig, Snapshot, shared
 from runner import NodeContext, Source, SourceConfig, node
 
@@ -246,89 +242,16 @@ def make_certs(cert_dir: Path, serial: str) -> tuple[Path, Path, Path]:
     """(ca.pem, cert, key) in `cert_dir`: the CA is reused if it is there (a poller may
     hold it), the device certificate is issued anew, named like the real one, in its CN
     and no SAN (the client checks the CN)."""
-    cert_dir.mkdir(parents=True, exist_ok=True)
-    ca_pem, ca_key_path = cert_dir / "ca.pem", cert_dir / "ca.key"
-    now = datetime.now(UTC)
-    if ca_pem.exists() and ca_key_path.exists():
-        ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{ca_key_path}: not an EC key")
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "flowrun simulator"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "Simulated Appliance Access CA"),
-            ]
-        )
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_usage(cert_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write(ca_key_path, _key_pem(ca_key), 0o600)
-        _write(ca_pem, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"appliance/p1dongle/{serial}")])
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=730))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
+    ca = Authority.load_or_create(
+        cert_dir, name="Simulated Appliance Access CA", files=("ca.pem", "ca.key")
     )
-    cert_path, key_path = cert_dir / "p1.pem", cert_dir / "p1.key"
-    _write(key_path, _key_pem(key), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return ca_pem, cert_path, key_path
-
-
-def _usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
+    issued = ca.issue(
+        f"appliance/p1dongle/{serial}",
+        server=True,
+        days=730,
+        paths=(cert_dir / "p1.pem", cert_dir / "p1.key"),
     )
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    return ca.cert_path, issued.cert, issued.key
 
 
 # the node -------------------------------------------------------------------------------

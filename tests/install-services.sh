@@ -4,8 +4,9 @@
 # says what to install and fails, since in CI a missing service is a failure, not a skip.
 set -euo pipefail
 
-# command  debian-package   (later issues add mosquitto, influxd, chromium)
+# command  debian-package   (later issues add influxd, chromium)
 needed=(
+  mosquitto mosquitto
 )
 
 missing=()

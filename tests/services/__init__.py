@@ -1,0 +1,1 @@
+"""Real services the tests start themselves, on free loopback ports, in temp dirs."""
