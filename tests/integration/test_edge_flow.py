@@ -1,6 +1,7 @@
 """flows/edge.yaml as shipped, run by the flowrun CLI against the simulators (flows/examples/
-simulators.yaml in another flowrun process): P1 over API v1, and over v2 after pairing with
-`flowrun homewizard-pair`; the snapshot merges both devices and derives the house load."""
+simulators.yaml in another flowrun process) and a real Mosquitto with TLS: P1 over API v1,
+and over v2 after pairing with `flowrun homewizard-pair`; the snapshot merges both devices,
+derives the house load, and reaches the broker with every seq."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.net import free_port
+from tests.services.mosquitto import SERVER_ID, Broker, TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWRUN = [sys.executable, "-m", "runner.cli"]
@@ -63,10 +65,21 @@ def simulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             proc.wait()
 
 
-def run_edge(extra_env: dict[str, str], seconds: int = 8) -> list[dict[str, Any]]:
+def run_edge(
+    broker: Broker, state: Path, extra_env: dict[str, str], seconds: int = 8
+) -> list[dict[str, Any]]:
+    """Run the edge flow for `seconds`; its logged snapshots. The broker must have got every
+    snapshot the buffer numbered, each seq once at least, none missing."""
+    server = TestClient(broker, SERVER_ID).connect()
+    server.subscribe("energy/test-01/realtime")
+    cert_dir = broker.identity("test-01").cert.parent
     env = {
         **os.environ,
         "DEVICE_ID": "test-01",
+        "MQTT_HOST": broker.host,
+        "MQTT_PORT": str(broker.port),
+        "CERT_DIR": str(cert_dir),
+        "STATE_DIRECTORY": str(state),
         "P1_HOST": "127.0.0.1",
         "INVERTER_HOST": "127.0.0.1",
         "INVERTER_PROFILE": "sungrow_sh_rt",
@@ -83,6 +96,13 @@ def run_edge(extra_env: dict[str, str], seconds: int = 8) -> list[dict[str, Any]
     )
     assert res.returncode == 0, res.stderr
     assert "ERROR" not in res.stderr, res.stderr
+    try:
+        # a stopped flow keeps what the broker had not acknowledged; what it sent is in order
+        server.wait_for(lambda c: len(c.messages()) >= seconds - 3)
+        seqs = [json.loads(m.payload)["seq"] for m in server.messages()]
+    finally:
+        server.close()
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
     return [json.loads(line)["data"] for line in res.stdout.splitlines()]
 
 
@@ -107,17 +127,21 @@ def check_snapshots(snapshots: list[dict[str, Any]]) -> None:
         assert pct is None or 0 <= pct <= 100
 
 
-def test_edge_flow_over_api_v1(simulators: dict[str, Any]) -> None:
+def test_edge_flow_over_api_v1(simulators: dict[str, Any], broker: Broker, tmp_path: Path) -> None:
     snapshots = run_edge(
+        broker,
+        tmp_path,
         {
             "P1_PORT": str(simulators["SIM_P1_PORT"]),
             "INVERTER_PORT": str(simulators["SIM_INVERTER_PORT"]),
-        }
+        },
     )
     check_snapshots(snapshots)
 
 
-def test_edge_flow_over_api_v2_after_pairing(simulators: dict[str, Any], tmp_path: Path) -> None:
+def test_edge_flow_over_api_v2_after_pairing(
+    simulators: dict[str, Any], broker: Broker, tmp_path: Path
+) -> None:
     token = tmp_path / "p1.token"
     port = str(simulators["SIM_P1_V2_PORT"])
     ca = str(simulators["ca"])
@@ -143,12 +167,14 @@ def test_edge_flow_over_api_v2_after_pairing(simulators: dict[str, Any], tmp_pat
     assert pair.returncode == 0, pair.stdout + pair.stderr
     assert token.stat().st_mode & 0o777 == 0o600
     snapshots = run_edge(
+        broker,
+        tmp_path,
         {
             "P1_API": "v2",
             "P1_PORT": port,
             "P1_TOKEN_FILE": str(token),
             "P1_CA_FILE": ca,
             "INVERTER_PORT": str(simulators["SIM_INVERTER_PORT"]),
-        }
+        },
     )
     check_snapshots(snapshots)

@@ -10,11 +10,18 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from nodes._certs import Authority, Issued
 from tests.net import free_port
@@ -156,14 +163,6 @@ class TestClient:
         clean_start: bool = True,
         session_expiry_s: int = 0,
     ) -> None:
-        import ssl
-        import threading
-
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         ident = broker.identity(name)
         self.broker = broker
         self.c = mqtt.Client(
@@ -216,8 +215,6 @@ class TestClient:
 
     def subscribe(self, topic: str, timeout_s: float = 5.0) -> None:
         """Subscribe (again after every reconnect) and wait for the SUBACK."""
-        import threading
-
         done = threading.Event()
         self.c.on_subscribe = lambda *a: done.set()
         self.subscriptions.append(topic)

@@ -55,7 +55,12 @@ def test_validate_ok_exits_zero(tmp_path: Path) -> None:
 
 
 # what a household sets in /etc/flowrun/edge.env: the flows have no default LAN addresses
-EDGE_ENV = {"P1_HOST": "127.0.0.1", "INVERTER_HOST": "127.0.0.1", "DSMR_HOST": "127.0.0.1"}
+EDGE_ENV = {
+    "P1_HOST": "127.0.0.1",
+    "INVERTER_HOST": "127.0.0.1",
+    "DSMR_HOST": "127.0.0.1",
+    "MQTT_HOST": "127.0.0.1",
+}
 
 
 def test_shipped_flows_validate() -> None:
@@ -77,10 +82,12 @@ def test_edge_flow_without_its_environment_names_the_missing_variables() -> None
     )
     assert res.returncode == 2
     assert res.stdout.splitlines() == [
-        "flows/edge.yaml:15:11: nodes.p1.host: variable ${P1_HOST} is not set "
+        "flows/edge.yaml:19:11: nodes.p1.host: variable ${P1_HOST} is not set "
         "(give a default: ${P1_HOST:-…})",
-        "flows/edge.yaml:25:11: nodes.inverter.host: variable ${INVERTER_HOST} is not set "
+        "flows/edge.yaml:29:11: nodes.inverter.host: variable ${INVERTER_HOST} is not set "
         "(give a default: ${INVERTER_HOST:-…})",
+        "flows/edge.yaml:64:11: nodes.uplink.host: variable ${MQTT_HOST} is not set "
+        "(give a default: ${MQTT_HOST:-…})",
     ]
 
 

@@ -1,0 +1,460 @@
+"""Payload formats of the MQTT uplink: `json` (one snapshot a message) and `compact`.
+
+`json`: UTF-8 JSON `{"device_id", "seq", "ts", "data": {...}}`, `ts` ISO 8601 UTC with
+microseconds, `seq` left out when the message has none (no buffer upstream).
+
+`compact` (metered 4G links): a batch of snapshots of one device as
+
+    MAGIC (b"\\xff\\x01") + zlib(msgpack(batch), preset dictionary)
+
+0xFF never occurs in UTF-8, so a compact payload can never be taken for JSON; the MQTT 5
+content type says the same (`CONTENT_TYPE_COMPACT`), but the payload alone is enough. The
+zlib stream names its preset dictionary by adler32 (RFC 1950 DICTID), which is how the
+decoder picks it: a later dictionary is a new entry in `_DICTIONARIES`, never an edit.
+
+The batch is columnar, because a snapshot at 1 Hz differs little from the one before:
+
+    [1, device_id, n, ts_column, seq_column, [column, ...]]
+    column = [name, kind, body, absent]     absent: indices of snapshots without the key
+    kind INT:   body = [order, nones, ints]   Python ints
+    kind FLOAT: body = [order, nones, ints, scale]   floats that are exact decimals:
+                value = ints[i] / 10**scale, decoded through the decimal string so it is
+                the very same float (repr round trip)
+    kind RAW:   body = [value, run, value, run, ...]   anything else, run-length coded
+
+`ints` are the non-null values of the column, delta-coded `order` times (0, 1 or 2: the
+smallest wins); `nones` are the indices of nulls. An unchanged field becomes a run of
+zeros, which zlib squeezes to almost nothing; `ts` (microseconds since the epoch) and
+`seq` are int columns too, so a steady 1 Hz clock and consecutive seqs cost about nothing.
+Round trips are exact: ints stay ints, floats the same floats (NaN, infinities and -0.0
+go RAW as msgpack float64), strings, bools, nulls, missing keys, `ts` to the microsecond.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped, unused-ignore]
+
+from runner import Scalar
+
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_COMPACT = "application/vnd.flowrun.compact.v1"
+MAGIC = b"\xff\x01"
+
+VERSION = 1
+INT, FLOAT, RAW = 0, 1, 2
+MAX_SCALE = 12  # beyond this, decimals are not measurements: RAW keeps them exact
+_INT64 = 2**63
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+class CodecError(ValueError):
+    """A payload that cannot be encoded or decoded; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One device snapshot as it travels: when, its buffer seq (or None), its fields."""
+
+    ts: datetime
+    seq: int | None
+    data: Mapping[str, Scalar]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    device_id: str
+    snapshots: list[Snapshot]
+
+
+# time -----------------------------------------------------------------------------------
+
+
+def iso_utc(ts: datetime) -> str:
+    """ISO 8601 in UTC with a Z; microseconds always written, so the width is fixed."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _micros(ts: datetime) -> int:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return (ts - _EPOCH) // _US
+
+
+def _from_micros(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+# json -----------------------------------------------------------------------------------
+
+
+def encode_json(device_id: str, snap: Snapshot) -> bytes:
+    obj: dict[str, Any] = {"device_id": device_id}
+    if snap.seq is not None:
+        obj["seq"] = snap.seq
+    obj["ts"] = iso_utc(snap.ts)
+    obj["data"] = dict(snap.data)
+    # allow_nan=False: NaN is not JSON and the server would refuse it anyway
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise CodecError(f"not encodable as JSON: {exc}") from None
+
+
+# compact: encoding ------------------------------------------------------------------------
+
+
+def _deltas(values: list[int], order: int) -> list[int]:
+    out = values
+    for _ in range(order):
+        out = out[:1] + [b - a for a, b in itertools.pairwise(out)]
+    return out
+
+
+def _undeltas(values: list[int], order: int) -> list[int]:
+    out = values
+    for _ in range(order):
+        acc: list[int] = []
+        total = 0
+        for i, v in enumerate(out):
+            total = v if i == 0 else total + v
+            acc.append(total)
+        out = acc
+    return out
+
+
+def _best_deltas(values: list[int]) -> tuple[int, list[int]] | None:
+    """The delta order (0-2) whose msgpack form is shortest; None if it leaves int64."""
+    best: tuple[int, list[int]] | None = None
+    best_len = 0
+    for order in (0, 1, 2):
+        coded = _deltas(values, order)
+        if any(not -_INT64 <= v < _INT64 for v in coded):
+            continue
+        size = len(msgpack.packb(coded))
+        if best is None or size < best_len:
+            best, best_len = (order, coded), size
+    return best
+
+
+def _decimal(x: float) -> tuple[int, int] | None:
+    """(mantissa, scale) with x == mantissa / 10**scale read as a decimal, or None."""
+    if not math.isfinite(x) or (x == 0.0 and math.copysign(1.0, x) < 0):
+        return None
+    text = repr(x)
+    mant, _, exp_text = text.partition("e")
+    whole, _, frac = mant.partition(".")
+    frac = frac.rstrip("0")
+    scale = len(frac) - (int(exp_text) if exp_text else 0)
+    digits = int((whole + frac) or "0")
+    if scale < 0:
+        digits *= 10**-scale
+        scale = 0
+    if scale > MAX_SCALE:
+        return None
+    return digits, scale
+
+
+def _float_of(mantissa: int, scale: int) -> float:
+    # through the decimal string: correctly rounded, so the float that printed as it
+    return float(f"{mantissa}e-{scale}")
+
+
+def _int_body(values: list[int | None]) -> list[Any] | None:
+    nones = [i for i, v in enumerate(values) if v is None]
+    ints = [v for v in values if v is not None]
+    best = _best_deltas(ints)
+    if best is None:
+        return None
+    return [best[0], nones, best[1]]
+
+
+def _float_body(values: list[float | None]) -> list[Any] | None:
+    parts: list[tuple[int, int] | None] = []
+    for v in values:
+        if v is None:
+            parts.append(None)
+            continue
+        d = _decimal(v)
+        if d is None:
+            return None
+        parts.append(d)
+    scale = max((p[1] for p in parts if p is not None), default=0)
+    ints: list[int | None] = [None if p is None else p[0] * 10 ** (scale - p[1]) for p in parts]
+    for v, m in zip(values, ints, strict=True):
+        if v is not None and (m is None or _float_of(m, scale) != v):
+            return None  # belt and braces: only what comes back identical goes FLOAT
+    body = _int_body(ints)
+    if body is None:
+        return None
+    return [*body, scale]
+
+
+def _raw_body(values: list[Scalar]) -> list[Any]:
+    runs: list[Any] = []
+    for v in values:
+        if runs and _same(runs[-2], v):
+            runs[-1] += 1
+        else:
+            runs += [v, 1]
+    return runs
+
+
+def _same(a: Any, b: Any) -> bool:
+    # 1 == 1.0 == True in Python: a run must keep the type, and -0.0 its sign
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if a != a:
+            return bool(b != b)  # NaN runs with NaN
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return bool(a == b)
+
+
+def _column(values: list[Scalar]) -> tuple[int, list[Any]]:
+    present = [v for v in values if v is not None]
+    if present and all(type(v) is int for v in present):
+        body = _int_body(values)  # type: ignore[arg-type]  # checked: ints and None
+        if body is not None:
+            return INT, body
+    elif present and all(type(v) is float for v in present):
+        body = _float_body(values)  # type: ignore[arg-type]  # checked: floats and None
+        if body is not None:
+            return FLOAT, body
+    return RAW, _raw_body(values)
+
+
+def _field_order(snapshots: Iterable[Snapshot]) -> list[str]:
+    seen: dict[str, None] = {}
+    for snap in snapshots:
+        for key in snap.data:
+            if key not in seen:
+                seen[key] = None
+    return list(seen)
+
+
+def encode_compact(device_id: str, snapshots: Sequence[Snapshot], level: int = 9) -> bytes:
+    """One payload for a batch of snapshots of one device."""
+    if not snapshots:
+        raise CodecError("an empty batch")
+    columns: list[list[Any]] = []
+    for name in _field_order(snapshots):
+        absent = [i for i, s in enumerate(snapshots) if name not in s.data]
+        values = [s.data.get(name) for s in snapshots]
+        kind, body = _column(values)
+        columns.append([name, kind, body, absent])
+    ts = _int_body([_micros(s.ts) for s in snapshots])
+    seq = _int_body([s.seq for s in snapshots])
+    if ts is None or seq is None:
+        raise CodecError("ts or seq out of range")
+    batch = [VERSION, device_id, len(snapshots), ts, seq, columns]
+    try:
+        packed = msgpack.packb(batch, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise CodecError(f"not encodable: {exc}") from None
+    z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
+    return MAGIC + z.compress(packed) + z.flush()
+
+
+# compact: decoding ------------------------------------------------------------------------
+
+
+def is_compact(payload: bytes, content_type: str | None = None) -> bool:
+    if content_type is not None and content_type == CONTENT_TYPE_COMPACT:
+        return True
+    return payload.startswith(MAGIC)
+
+
+def _inflate(stream: bytes, max_bytes: int) -> bytes:
+    if len(stream) < 6 or (stream[0] * 256 + stream[1]) % 31 or stream[0] & 0x0F != 8:
+        raise CodecError("compact: not a zlib stream")
+    zdict = b""
+    if stream[1] & 0x20:
+        found = _DICTIONARIES.get(int.from_bytes(stream[2:6], "big"))
+        if found is None:
+            raise CodecError("compact: unknown preset dictionary (a newer sender?)")
+        zdict = found
+    d = zlib.decompressobj(15, zdict=zdict) if zdict else zlib.decompressobj(15)
+    try:
+        out = d.decompress(stream, max_bytes)
+        if d.unconsumed_tail:
+            raise CodecError(f"compact: inflates to more than {max_bytes} bytes")
+        out += d.flush()
+    except zlib.error as exc:
+        raise CodecError(f"compact: corrupt zlib stream ({exc})") from None
+    if not d.eof:
+        raise CodecError("compact: truncated zlib stream")
+    return out
+
+
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise CodecError(f"compact: {what}")
+
+
+def _ints(body: Any, n: int, what: str) -> tuple[list[int | None], list[Any]]:
+    _expect(isinstance(body, list) and len(body) >= 3, f"{what}: bad column")
+    order, nones, coded = body[0], body[1], body[2]
+    _expect(order in (0, 1, 2), f"{what}: bad delta order")
+    _expect(isinstance(nones, list) and isinstance(coded, list), f"{what}: bad column")
+    _expect(len(nones) + len(coded) == n, f"{what}: {len(nones) + len(coded)} values, not {n}")
+    _expect(all(type(v) is int for v in coded), f"{what}: not integers")
+    null = set(nones)
+    _expect(
+        len(null) == len(nones) and all(type(i) is int and 0 <= i < n for i in null),
+        f"{what}: bad null indices",
+    )
+    it = iter(_undeltas(coded, order))
+    return [None if i in null else next(it) for i in range(n)], body[3:]
+
+
+def _decode_column(kind: Any, body: Any, n: int, name: str) -> list[Scalar]:
+    if kind == INT:
+        values, _ = _ints(body, n, name)
+        return list(values)
+    if kind == FLOAT:
+        ints, rest = _ints(body, n, name)
+        _expect(len(rest) == 1 and type(rest[0]) is int, f"{name}: bad scale")
+        scale = rest[0]
+        _expect(0 <= scale <= MAX_SCALE, f"{name}: bad scale")
+        return [None if m is None else _float_of(m, scale) for m in ints]
+    if kind == RAW:
+        _expect(isinstance(body, list) and len(body) % 2 == 0, f"{name}: bad runs")
+        out: list[Scalar] = []
+        for value, run in zip(body[::2], body[1::2], strict=True):
+            _expect(type(run) is int and 0 < run <= n - len(out), f"{name}: bad runs")
+            _expect(value is None or isinstance(value, int | float | str), f"{name}: bad value")
+            out += [value] * run
+        _expect(len(out) == n, f"{name}: {len(out)} values, not {n}")
+        return out
+    raise CodecError(f"compact: {name}: unknown column kind {kind!r}")
+
+
+def decode_compact(
+    payload: bytes, max_bytes: int = 8 * 2**20, max_values: int = 5_000_000
+) -> Batch:
+    """The batch in a compact payload; raises CodecError with the reason if it is not one.
+
+    `max_bytes` bounds the inflated size and `max_values` the snapshots times fields (a
+    small payload may inflate enormously, and a run-length code even more)."""
+    _expect(payload.startswith(MAGIC), "no compact marker")
+    raw = _inflate(payload[len(MAGIC) :], max_bytes)
+    try:
+        batch = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CodecError(f"compact: not msgpack ({exc})") from None
+    _expect(isinstance(batch, list) and len(batch) == 6, "not a batch")
+    version, device_id, n, ts_body, seq_body, columns = batch
+    _expect(version == VERSION, f"format version {version!r} is not {VERSION}")
+    _expect(isinstance(device_id, str), "device_id is not a string")
+    _expect(type(n) is int and n > 0, "bad snapshot count")
+    _expect(isinstance(columns, list), "bad columns")
+    _expect(n * max(1, len(columns)) <= max_values, f"more than {max_values} values")
+    ts, _ = _ints(ts_body, n, "ts")
+    seq, _ = _ints(seq_body, n, "seq")
+    _expect(all(t is not None for t in ts), "ts: null")
+    datas: list[dict[str, Scalar]] = [{} for _ in range(n)]
+    for col in columns:
+        _expect(isinstance(col, list) and len(col) == 4, "bad column")
+        name, kind, body, absent = col
+        _expect(isinstance(name, str), "a field name is not a string")
+        _expect(
+            isinstance(absent, list) and all(type(i) is int for i in absent),
+            f"{name}: bad absent list",
+        )
+        values = _decode_column(kind, body, n, name)
+        skip = set(absent)
+        for i, value in enumerate(values):
+            if i not in skip:
+                datas[i][name] = value
+    try:
+        stamps = [_from_micros(t) for t in ts if t is not None]
+    except OverflowError:
+        raise CodecError("compact: ts out of range") from None
+    return Batch(
+        device_id,
+        [Snapshot(t, s, d) for t, s, d in zip(stamps, seq, datas, strict=True)],
+    )
+
+
+# the preset dictionary ----------------------------------------------------------------------
+# Canonical field names (DESIGN section 4) and the values that recur in snapshots, as the
+# msgpack bytes the encoder writes, so a batch's header of names costs a few bytes. NEVER
+# edit these: decoders find a dictionary by its adler32. A new one is added as a new entry.
+
+_NAMES_V1 = (
+    "device_id",
+    "grid_power_w",
+    "grid_import_t1_kwh",
+    "grid_import_t2_kwh",
+    "grid_export_t1_kwh",
+    "grid_export_t2_kwh",
+    "grid_avg_15m_w",
+    "grid_monthly_peak_w",
+    "grid_monthly_peak_ts",
+    "power_l1_w",
+    "power_l2_w",
+    "power_l3_w",
+    "voltage_l1_v",
+    "voltage_l2_v",
+    "voltage_l3_v",
+    "current_l1_a",
+    "current_l2_a",
+    "current_l3_a",
+    "grid_frequency_hz",
+    "tariff",
+    "meter_ts",
+    "gas_total_m3",
+    "gas_ts",
+    "water_total_m3",
+    "water_ts",
+    "pv_power_w",
+    "pv_daily_kwh",
+    "pv_total_kwh",
+    "mppt1_voltage_v",
+    "mppt1_current_a",
+    "mppt2_voltage_v",
+    "mppt2_current_a",
+    "battery_power_w",
+    "battery_soc_pct",
+    "battery_soh_pct",
+    "battery_temp_c",
+    "battery_voltage_v",
+    "battery_current_a",
+    "battery_daily_charge_kwh",
+    "battery_daily_discharge_kwh",
+    "inverter_ac_power_w",
+    "inverter_state",
+    "inverter_model",
+    "inverter_temp_c",
+    "ems_mode",
+    "load_power_w",
+    "import_w",
+    "export_w",
+    "self_consumption_w",
+    "self_sufficiency_pct",
+    "running",
+    "self_consumption",
+    "SH10RT",
+    "SH5.0RS",
+)
+
+
+def _build_dictionary(names: Sequence[str]) -> bytes:
+    # zlib prefers matches near the end of the dictionary: the most common names go last
+    return b"".join(msgpack.packb(name) for name in reversed(names))
+
+
+_ZDICT = _build_dictionary(_NAMES_V1)
+_DICTIONARIES = {zlib.adler32(_ZDICT): _ZDICT}

@@ -1,0 +1,266 @@
+"""MQTT 5 over TLS for `mqtt_out` and `mqtt_in`: aiomqtt, with what it does not expose.
+
+aiomqtt 2.x runs paho-mqtt 2.x on the asyncio loop (the socket callbacks), which we keep,
+but it hides two things the delivery guarantee needs (DESIGN section 12):
+
+- PUBACK reason codes. aiomqtt's `publish()` returns on any PUBACK, so a publish the ACL
+  refused (MQTT 5 reason code 0x87 Not authorized) looks delivered. `Client` overrides
+  aiomqtt's paho `on_publish` handler (`_on_publish`, which paho calls with the reason
+  code) and reports each PUBACK's reason code to the callback given for that message id
+  in `publish_qos1()`, before handing on to aiomqtt.
+- Manual acknowledgement of received QoS 1 messages. paho 2.x has it
+  (`manual_ack_set(True)`, then `ack(mid, qos)`); aiomqtt builds the paho client in its
+  constructor and calls it `_client`. `Client(manual_ack=True)` switches it on before the
+  connection, and `ack(mid)` sends the PUBACK.
+
+Driving paho on the asyncio loop ourselves would mean re-writing aiomqtt's socket glue;
+leaning on a few private names of a pinned aiomqtt (pyproject: >=2.3,<3) is smaller:
+its paho callbacks `_on_publish`, `_on_connect` (the session-present flag and the
+broker's Receive Maximum, which aiomqtt drops) and `_on_disconnect` (overridden, then
+called), its `_client` (the paho client) and `_disconnected` (the end of the
+connection). The integration tests exercise all of them against a real Mosquitto, so an
+aiomqtt upgrade that changes them fails there, not in the field. paho calls these
+handlers on the event loop thread (aiomqtt reads and writes the socket from loop
+callbacks), so the callbacks run there too.
+
+One `Client` is one connection: the nodes build a new one for each attempt, so no paho
+state (queued messages, message ids) outlives the connection it belonged to.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as mqtt
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from runner import Ack
+
+log = logging.getLogger("flowrun.mqtt")
+
+DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_TEMPLATES = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+
+def render_topic(template: str, **names: str) -> str:
+    """A topic from its jinja2 template; a publish topic has no wildcards."""
+    try:
+        topic = _TEMPLATES.from_string(template).render(**names).strip()
+    except TemplateError as exc:
+        raise ValueError(f"topic template {template!r}: {exc}") from None
+    if not topic or "+" in topic or "#" in topic or "\0" in topic:
+        raise ValueError(f"{topic!r} is not a topic to publish to (empty, or a wildcard)")
+    if topic.startswith("$"):
+        raise ValueError(f"{topic!r}: topics starting with $ are the broker's")
+    return topic
+
+
+PubackCallback = Callable[[ReasonCode | None], None]
+# a connection that lasted this long resets the reconnect backoff; one that drops at once
+# (two clients with one id evicting each other) keeps backing off instead of spinning
+STABLE_S = 10.0
+MqttError = aiomqtt.MqttError
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def context(self) -> ssl.SSLContext:
+        """Server verified against ca_file (name included); our certificate and key."""
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
+def describe(rc: ReasonCode) -> str:
+    return f"{rc.getName()} (0x{rc.value:02x})"
+
+
+class Client(aiomqtt.Client):
+    """An aiomqtt MQTT 5 client with PUBACK reason codes and optional manual acks.
+
+    `publish_qos1()` sends without waiting and calls `done(reason_code)` on the PUBACK, or
+    `done(None)` when the connection ends first (`fail_pending()`, also called by the
+    disconnect handler). After the CONNACK, `session_present` and `receive_maximum` (the
+    broker's limit of unacknowledged PUBLISHes from us) are known.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        client_id: str,
+        keepalive_s: int,
+        timeout_s: float,
+        clean_start: bool,
+        session_expiry_s: int = 0,
+        receive_maximum: int | None = None,
+        will: aiomqtt.Will | None = None,
+        manual_ack: bool = False,
+        max_inflight: int = 20,
+    ) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if session_expiry_s:
+            props.SessionExpiryInterval = session_expiry_s
+        if receive_maximum is not None:
+            # how many QoS 1 messages the broker may send before we PUBACK: the window
+            # of messages on their way to the store
+            props.ReceiveMaximum = receive_maximum
+        super().__init__(
+            host,
+            port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=tls,
+            keepalive=keepalive_s,
+            timeout=timeout_s,
+            # a bool, not MQTT_CLEAN_START_FIRST_ONLY: that one is per paho object, and a
+            # process restart (a new object) would wipe the session the broker kept
+            clean_start=clean_start,
+            properties=props,
+            will=will,
+            max_inflight_messages=max_inflight,
+            logger=log,
+        )
+        self._client.manual_ack_set(manual_ack)
+        self._pubacks: dict[int, PubackCallback] = {}
+        self.session_present = False
+        self.receive_maximum = 65535
+
+    @property
+    def closed(self) -> bool:
+        """The connection ended (or broke): publish nothing more on it."""
+        return self._disconnected.done()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pubacks)
+
+    async def wait_closed(self) -> None:
+        """Returns when the connection ends; raises MqttError when it broke."""
+        await self._disconnected
+
+    def publish_qos1(
+        self,
+        topic: str,
+        payload: bytes,
+        done: PubackCallback,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> int:
+        """Queue a QoS 1 PUBLISH; `done` gets its PUBACK's reason code. The message id."""
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, f"cannot publish to {topic}")
+        # paho calls on_publish from the socket's read callback, never inside publish()
+        # for QoS 1, so registering after the call cannot miss the PUBACK
+        self._pubacks[info.mid] = done
+        return info.mid
+
+    def ack(self, mid: int) -> None:
+        """Send the PUBACK of a received QoS 1 message (manual_ack=True)."""
+        self._client.ack(mid, 1)
+
+    def fail_pending(self) -> None:
+        pending, self._pubacks = self._pubacks, {}
+        for done in pending.values():
+            _call(done, None)
+
+    # paho callbacks (overriding aiomqtt's, which they then call) ---------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self.session_present = bool(flags.session_present)
+        rm = getattr(properties, "ReceiveMaximum", None)
+        if isinstance(rm, int) and rm > 0:
+            self.receive_maximum = rm
+            # paho does not honour the broker's Receive Maximum by itself (more unacked
+            # PUBLISHes and the broker may disconnect us, 0x93), and its setter refuses a
+            # connected client: the attribute its send window reads, set before any PUBLISH
+            client._max_inflight_messages = min(client._max_inflight_messages, rm)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        done = self._pubacks.pop(mid, None)
+        if done is not None:
+            _call(done, reason_code)
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+        self.fail_pending()
+
+
+def _call(done: PubackCallback, rc: ReasonCode | None) -> None:
+    # an exception here would propagate through paho's read loop and drop the connection
+    try:
+        done(rc)
+    except Exception:
+        log.exception("a PUBACK callback failed")
+
+
+class AllOf:
+    """Settles `ack` once `n` parts have: acked if all were, nacked if any was."""
+
+    __slots__ = ("_ack", "_failed", "_left")
+
+    def __init__(self, ack: Ack | None, n: int) -> None:
+        self._ack = ack
+        self._left = n
+        self._failed: str | None = None
+
+    def part(self, ok: bool, reason: str | None = None) -> None:
+        if not ok and self._failed is None:
+            self._failed = reason or "nacked"
+        self._left -= 1
+        if self._left == 0 and self._ack is not None:
+            if self._failed is None:
+                self._ack.ack()
+            else:
+                self._ack.nack(self._failed)
+
+
+def publish_properties(content_type: str) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ContentType = content_type
+    return props
+
+
+def content_type_of(message: aiomqtt.Message) -> str | None:
+    value = getattr(message.properties, "ContentType", None)
+    return value if isinstance(value, str) else None
