@@ -36,3 +36,42 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+# InfluxDB 1.x and VictoriaMetrics, for the influx_write tests (appended: imports here)
+from tests.services.influxdb import InfluxDB  # noqa: E402
+from tests.services.victoria import Victoria  # noqa: E402
+
+
+@pytest.fixture
+def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB]:
+    """A real InfluxDB 1.6.7 (Debian) on a free loopback port; starts in about 20 ms."""
+    db = InfluxDB(tmp_path_factory.mktemp("influxdb"))
+    db.start()
+    try:
+        yield db
+    finally:
+        db.stop()
+
+
+@pytest.fixture
+def influxdb_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB]:
+    """Like `influxdb`, with auth-enabled and the admin user tests.services.influxdb.ADMIN."""
+    db = InfluxDB(tmp_path_factory.mktemp("influxdb-auth"), auth=True)
+    db.start()
+    try:
+        yield db
+    finally:
+        db.stop()
+
+
+@pytest.fixture
+def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Victoria]:
+    """A real VictoriaMetrics (Debian): the InfluxDB v2 write endpoint, for influx_write's
+    api v2 path."""
+    vm = Victoria(tmp_path_factory.mktemp("victoria"))
+    vm.start()
+    try:
+        yield vm
+    finally:
+        vm.stop()

@@ -4,9 +4,11 @@
 # says what to install and fails, since in CI a missing service is a failure, not a skip.
 set -euo pipefail
 
-# command  debian-package   (later issues add influxd, chromium)
+# command  debian-package   (later issues add chromium)
 needed=(
   mosquitto mosquitto
+  influxd influxdb
+  victoria-metrics victoria-metrics
 )
 
 missing=()
