@@ -7,7 +7,7 @@ config helpers. Everything else in `runner` is the engine's own business.
 from runner.config import ConsumerConfig, MappingKeyError, NodeConfig, Overflow, SourceConfig
 from runner.expr import DEFAULT_GLOBALS, MATH_GLOBALS, ExprError, Expression, compile_expr
 from runner.message import Ack, Data, Message, Scalar, utcnow
-from runner.node import Node, NodeContext, Processor, Sink, Source
+from runner.node import FlowView, Node, NodeContext, Processor, Sink, Source
 from runner.registry import node
 from runner.stats import NodeStats
 from runner.timing import Backoff, every
@@ -21,6 +21,7 @@ __all__ = [
     "Data",
     "ExprError",
     "Expression",
+    "FlowView",
     "MappingKeyError",
     "Message",
     "Node",

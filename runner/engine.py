@@ -28,7 +28,7 @@ from runner.config import ConsumerConfig
 from runner.graph import topo_order
 from runner.loader import FlowSpec, NodeSpec
 from runner.message import Data, FanOut, Message
-from runner.node import Node, Processor, Sink, Source
+from runner.node import FlowView, Node, Processor, Sink, Source
 from runner.stats import NodeStats
 from runner.timing import Backoff
 
@@ -62,10 +62,13 @@ class ReloadReport:
 class _Context:
     """The NodeContext of one slot; stays the same object across restarts of the node."""
 
-    __slots__ = ("_slot", "flow_name", "log", "node_id", "stats", "vars")
+    __slots__ = ("_slot", "flow", "flow_name", "log", "node_id", "stats", "vars")
 
-    def __init__(self, slot: _Slot, flow_name: str, vars_: Mapping[str, str]) -> None:
+    def __init__(
+        self, slot: _Slot, flow_name: str, vars_: Mapping[str, str], flow: FlowView
+    ) -> None:
         self._slot = slot
+        self.flow = flow
         self.node_id = slot.id
         self.flow_name = flow_name
         self.vars = vars_
@@ -112,11 +115,13 @@ class _Context:
 class _Slot:
     """Everything the runtime keeps for one node id."""
 
-    def __init__(self, spec: NodeSpec, flow_name: str, vars_: Mapping[str, str]) -> None:
+    def __init__(
+        self, spec: NodeSpec, flow_name: str, vars_: Mapping[str, str], flow: FlowView
+    ) -> None:
         self.id = spec.id
         self.spec = spec
         self.stats = NodeStats()
-        self.ctx = _Context(self, flow_name, vars_)
+        self.ctx = _Context(self, flow_name, vars_, flow)
         self.inbox: Channel | None = None
         if isinstance(spec.config, ConsumerConfig):
             self.inbox = Channel(spec.config.queue_size, spec.config.overflow, self.stats)
@@ -202,7 +207,7 @@ class Runtime:
         self._unstarted: set[str] = set()
         self._gate = asyncio.Event()
         for node_id in topo_order({i: n.inputs for i, n in spec.nodes.items()}):
-            self.slots[node_id] = _Slot(spec.nodes[node_id], spec.name, spec.vars)
+            self.slots[node_id] = _Slot(spec.nodes[node_id], spec.name, spec.vars, self)
         self._wire()
 
     # public -----------------------------------------------------------------------------
@@ -447,7 +452,7 @@ class Runtime:
             slot.restarted.clear()
             self._interrupt(slot)
         for node_id in report.added:
-            self.slots[node_id] = _Slot(new.nodes[node_id], new.name, new.vars)
+            self.slots[node_id] = _Slot(new.nodes[node_id], new.name, new.vars, self)
         self.spec = new
         for slot in self.slots.values():
             slot.ctx.vars = new.vars

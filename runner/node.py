@@ -26,6 +26,21 @@ SC = TypeVar("SC", bound=SourceConfig)
 CC = TypeVar("CC", bound=ConsumerConfig)
 
 
+class FlowView(Protocol):
+    """The running flow as a node may see it (read only): for nodes that report on the
+    others, such as a metrics endpoint."""
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Every node's counters by node id (in, out, errors, dropped, restarts, queue)."""
+        ...
+
+    def instance(self, node_id: str) -> Node[Any] | None:
+        """The running instance of a node, for its own `metrics()` if it has one: a node
+        may define `metrics() -> Mapping[str, float | Mapping[str, float]]` (a buffer's
+        depth, an ingest's duplicates per device) for such reporters to read."""
+        ...
+
+
 class NodeContext(Protocol):
     """What the runner gives each node instance."""
 
@@ -34,6 +49,7 @@ class NodeContext(Protocol):
     vars: Mapping[str, str]
     log: logging.Logger
     stats: NodeStats
+    flow: FlowView
 
     async def emit(self, msg: Message) -> None:
         """Send a message to every consumer of this node (waits while their queues are full)."""

@@ -107,3 +107,23 @@ class Probe(Source[SourceConfig]):
 
     async def run(self) -> None:
         await self.emit(self.message({"ready": ",".join(sorted(SlowStart.ready))}))
+
+
+REPORTS: list[dict[str, object]] = []
+
+
+@node("t_reporter")
+class Reporter(Sink[ConsumerConfig]):
+    """At flush, records what the flow view shows: every node's counters and instances."""
+
+    async def write(self, msg: Message) -> None:
+        pass
+
+    async def flush(self) -> None:
+        view = self.ctx.flow
+        REPORTS.append(
+            {
+                "stats": view.stats(),
+                "instances": {n: type(view.instance(n)).__name__ for n in view.stats()},
+            }
+        )

@@ -28,6 +28,7 @@ class Ctx:
         self.emitted: list[Message] = []
         self.errors: list[tuple[str, BaseException | None]] = []
         self.progressed = 0
+        self.flow = _Alone(self)
 
     async def emit(self, msg: Message) -> None:
         self.emitted.append(msg)
@@ -43,6 +44,19 @@ class Ctx:
     @property
     def data(self) -> list[Data]:
         return [m.data for m in self.emitted]
+
+
+class _Alone:
+    """The flow of a node tested on its own: itself only."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self._ctx = ctx
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {self._ctx.node_id: self._ctx.stats.snapshot()}
+
+    def instance(self, node_id: str) -> Any:
+        return None
 
 
 class Acks:

@@ -70,10 +70,17 @@ def test_flowrun_runs_the_vps_flow_with_the_server_identity() -> None:
     m = mounts(svc)
     assert m["/etc/flowrun/vps.yaml"] == "../flows/vps.yaml"
     vps = (ROOT / "flows/vps.yaml").read_text()
+    image_env = set(re.findall(r"^ENV (\w+)=", (DEPLOY / "Dockerfile").read_text(), re.M))
     for var in re.findall(r"\$\{([A-Z_]+)(?::-[^}]*)?\}", vps):
-        if var in ("INGEST_CLIENT_ID",):  # has a default meant to be kept
+        if var in ("INGEST_CLIENT_ID",) or var in image_env:  # a default meant to be kept
             continue
         assert var in svc["environment"], f"vps.yaml uses ${{{var}}}, compose does not set it"
+    secret = svc["environment"]["INFLUXDB_PASSWORD_FILE"]
+    assert secret == "/run/secrets/influxdb_write_password"
+    assert (
+        compose()["secrets"]["influxdb_write_password"]["environment"]
+        in (DEPLOY / ".env.example").read_text()
+    )
     for cert in ("ca.crt", "flowrun-server.crt", "flowrun-server.key"):
         assert f"/etc/flowrun/certs/{cert}" in m
 

@@ -228,3 +228,21 @@ async def test_work_begins_only_after_every_start_completed() -> None:
     )
     await run_until_done(rt)
     assert [m.data["ready"] for m in kinds.COLLECTED["out"]] == ["server"]
+
+
+async def test_a_node_sees_the_flows_counters_and_instances() -> None:
+    kinds.REPORTS.clear()
+    rt = Runtime(
+        flow(
+            "flow: t\nnodes:\n"
+            "  src: {type: t_source, count: 5}\n"
+            "  rep: {type: t_reporter, inputs: [src]}\n"
+        )
+    )
+    await run_until_done(rt)
+    (report,) = kinds.REPORTS
+    stats = report["stats"]
+    assert isinstance(stats, dict)
+    assert stats["src"]["out"] == 5 and stats["rep"]["in"] == 5
+    # the source ran out before the sink flushed: a finished node has no instance
+    assert report["instances"] == {"src": "NoneType", "rep": "Reporter"}
