@@ -4,11 +4,12 @@
 # says what to install and fails, since in CI a missing service is a failure, not a skip.
 set -euo pipefail
 
-# command  debian-package   (later issues add chromium)
+# command  debian-package
 needed=(
   mosquitto mosquitto
   influxd influxdb
   victoria-metrics victoria-metrics
+  chromium chromium
 )
 
 missing=()
