@@ -367,7 +367,8 @@ def openapi(
                         "fields",
                         "query",
                         {"type": "string", "pattern": FIELDS_PATTERN},
-                        "Comma-separated columns (grid_power_w_avg,capacity_kw); default all.",
+                        "Comma-separated columns (grid_power_w_avg,capacity_kw), or `all`; "
+                        "default: each field's average or delta, capacity_kw, samples.",
                     ),
                 ],
                 store_errors,

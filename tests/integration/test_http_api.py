@@ -571,6 +571,13 @@ async def test_history(store_api: Server) -> None:
     first = dict(zip(cols, body["rows"][0], strict=True))
     assert first["ts"] == "2026-10-09T22:00:00Z"
     assert first["capacity_kw"] == pytest.approx(0.4)
+    # by default a chart's columns: averages and deltas, not every statistic
+    assert "note_last" not in cols
+    default_cols = set(cols)
+    status, body, _ = await store_api.get(path.replace("+00:00", "Z") + "&fields=all", token=token)
+    cols = body["columns"]
+    assert default_cols < set(cols) and "note_last" in cols
+    first = dict(zip(cols, body["rows"][0], strict=True))
     assert first["note_last"] == TRICKY
     assert dict(zip(cols, body["rows"][1], strict=True))["note_last"] is None
     # a subset of fields; a field that does not exist is left out
