@@ -29,6 +29,7 @@ state (queued messages, message ids) outlives the connection it belonged to.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections.abc import Callable
@@ -255,8 +256,23 @@ class AllOf:
                 self._ack.nack(self._failed)
 
 
+class _Packed(Properties):
+    """PUBLISH properties packed once. paho packs a message's properties on every PUBLISH,
+    and a new Properties object costs more than encoding a snapshot as JSON (about 18 us
+    built and packed, measured): while a backlog drains, one shared object per content
+    type. paho only calls pack() on it; nothing changes it."""
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = super().pack()  # type: ignore[no-untyped-call]
+            self.__dict__["_packed"] = packed  # Properties.__setattr__ takes property names only
+        return packed
+
+
+@functools.cache
 def publish_properties(content_type: str) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props = _Packed(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ContentType = content_type
     return props
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import heapq
 import json
 import logging
 import math
@@ -247,27 +248,36 @@ class DeviceCounters:
 
 
 class _Seqs:
-    """Highest seq and a bounded window of recent seqs of one device's topic."""
+    """The seqs one device's topic has sent: every seq from `first` up to `floor` (none
+    missing in between: nothing to remember each by), and the seqs seen outside that range
+    (after a gap, or below the first one seen), at most `size` of them.
 
-    __slots__ = ("highest", "order", "recent", "size")
+    So a resend after an edge crashed -- every row delivered but not yet deleted, as many
+    as a drain delivers in a commit interval, often more than `size` -- is told exactly
+    from seqs that fill a gap late. (A window of the last `size` seqs by arrival could not:
+    each resent seq evicted the next one's earlier copy, and all counted as late.) Only
+    when more than `size` seqs are held above a gap is the lowest of them taken as the
+    floor: the gap is given up on, and a seq of it that still comes counts as a duplicate.
+    """
+
+    __slots__ = ("first", "floor", "heap", "highest", "seen", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.highest: int | None = None
-        self.recent: set[int] = set()
-        self.order: deque[int] = deque()
+        self.first: int | None = None
+        self.floor = 0
+        self.highest = 0
+        self.seen: set[int] = set()  # seen and outside first..floor
+        self.heap: list[int] = []  # the same (and stale entries), lowest first
 
     def see(self, seq: int, c: DeviceCounters) -> None:
-        if seq in self.recent:
+        if self.first is None:
+            self.first = self.floor = self.highest = c.last_seq = seq
+            return
+        if self.first <= seq <= self.floor or seq in self.seen:
             c.duplicates += 1
             return
-        self.recent.add(seq)
-        self.order.append(seq)
-        if len(self.order) > self.size:
-            self.recent.discard(self.order.popleft())
-        if self.highest is None:
-            self.highest = seq
-        elif seq > self.highest:
+        if seq > self.highest:
             if seq > self.highest + 1:
                 c.gaps += 1
                 c.missing += seq - self.highest - 1
@@ -276,6 +286,41 @@ class _Seqs:
             c.late += 1
             c.missing = max(0, c.missing - 1)
         c.last_seq = self.highest
+        if seq == self.floor + 1:
+            self.floor = seq
+        elif seq == self.first - 1:
+            self.first = seq
+        else:
+            self.seen.add(seq)
+            heapq.heappush(self.heap, seq)
+            if len(self.seen) > self.size:
+                self._give_up()
+            elif len(self.heap) > 2 * self.size + 64:
+                self.heap = sorted(self.seen)  # drop the stale entries
+        self._absorb()
+
+    def _absorb(self) -> None:
+        seen = self.seen
+        if not seen:
+            return
+        while self.floor + 1 in seen:
+            self.floor += 1
+            seen.discard(self.floor)
+        assert self.first is not None
+        while self.first - 1 in seen:
+            self.first -= 1
+            seen.discard(self.first)
+
+    def _give_up(self) -> None:
+        while len(self.seen) > self.size:
+            low = heapq.heappop(self.heap)
+            if low not in self.seen:
+                continue  # stale: absorbed into first..floor
+            self.seen.discard(low)
+            if low > self.floor:
+                self.floor = low  # the gap below it is given up on
+                self._absorb()
+            # below `first`: forgotten
 
 
 # one connection's acknowledgements ------------------------------------------------------------

@@ -8,7 +8,11 @@ handler, which paho calls with the reason code, and routes it to a callback per 
 id. A reason code >= 0x80 (0x87 Not authorized: the certificate's CN is not the topic's
 device) is a failure: the message is nacked, so the buffer upstream keeps it and sends it
 again, and the failure is logged at ERROR (once per topic and reason code, until the
-broker accepts that topic again). A connection lost with
+broker accepts that topic again). So is 0x10 No matching subscribers, though MQTT counts
+it a success: the broker dropped the message, as no session (not even an offline one)
+subscribes to it. Mosquitto 2.0.11 answers it after a restart until the server's ingest
+has subscribed again (it does not restore shared subscriptions from its persistence), and
+before the ingest ever subscribed. A connection lost with
 PUBLISHes in flight nacks them (the buffer resends them); the node reconnects with
 jittered backoff.
 """
@@ -44,6 +48,8 @@ from nodes._mqtt import DEVICE_ID, AllOf, MqttError, Tls, describe, render_topic
 from runner import Ack, Backoff, ConsumerConfig, Message, NodeContext, Sink, node, utcnow
 
 FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# a PUBACK reason code below 0x80 that still means "not delivered": the broker dropped it
+NO_MATCHING_SUBSCRIBERS = 0x10
 
 
 class MqttOutConfig(ConsumerConfig):
@@ -167,7 +173,8 @@ class MqttOut(Sink[MqttOutConfig]):
     Payload (json): {"device_id", "seq", "ts", "data"}; `format: compact` batches snapshots
     (msgpack + zlib, about 20 bytes a snapshot at 1 Hz). At most max_in_flight PUBLISHes
     await their PUBACK. A PUBACK with a failure reason code (0x87 Not authorized: the
-    certificate is not this device's) nacks the message and is logged at ERROR; a lost
+    certificate is not this device's), or 0x10 No matching subscribers (nobody will get
+    it: the server is not subscribed), nacks the message and is logged at ERROR; a lost
     connection nacks what was in flight and reconnects with backoff. A message whose
     data.device_id is another device's is refused (nacked). A retained status
     ({"state": "online", ...}, last will {"state": "offline"}) is kept on status_topic.
@@ -303,11 +310,11 @@ class MqttOut(Sink[MqttOutConfig]):
             self._refusals[key] += 1
             return
         self._refusals[key] = 1
-        hint = (
-            f"; is {self.config.device_id!r} the client certificate's CN?"
-            if rc.value == 0x87
-            else ""
-        )
+        hint = ""
+        if rc.value == 0x87:
+            hint = f"; is {self.config.device_id!r} the client certificate's CN?"
+        elif rc.value == NO_MATCHING_SUBSCRIBERS:
+            hint = "; the server's ingest is not subscribed (yet)"
         self.ctx.log.error(
             "node %s: the broker refused a PUBLISH to %s: %s%s; %s (logged once until it "
             "accepts this topic again)",
@@ -414,7 +421,7 @@ class MqttOut(Sink[MqttOutConfig]):
             if rc is None:
                 self.lost += count
                 settle(False, f"{self.node_id}: connection lost before the PUBACK")
-            elif rc.is_failure:
+            elif rc.is_failure or rc.value == NO_MATCHING_SUBSCRIBERS:
                 self.refused += count
                 self._refusal(topic, rc, f"{count} message(s) nacked, the buffer keeps them")
                 settle(False, f"{self.node_id}: broker refused: {describe(rc)}")

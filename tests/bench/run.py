@@ -39,6 +39,14 @@ def timeout_for(name: str, default: float) -> float:
     if name == "edge":
         edge_s = float(os.environ.get("FLOWRUN_BENCH_EDGE_S", "120"))
         return max(default, edge_s + 90)
+    if name == "uplink_bytes":  # real time at 1 Hz, plus start and stop
+        bytes_s = float(os.environ.get("FLOWRUN_BENCH_UPLINK_BYTES_S", "180"))
+        return max(default, bytes_s + 90)
+    if name == "uplink_drain":  # three drains of a day of backlog, each checked
+        return max(default, 300.0)
+    if name == "ingest":  # four phases: encoding, FLOWRUN_BENCH_INGEST_S publishing, draining
+        ingest_s = float(os.environ.get("FLOWRUN_BENCH_INGEST_S", "30"))
+        return max(default, 4 * (ingest_s + 180) + 60)
     return default
 
 

@@ -316,6 +316,8 @@ async def test_a_broker_restart_mid_stream_loses_nothing(broker: Broker) -> None
 
 async def test_retained_status_and_the_last_will(broker: Broker) -> None:
     sub = server(broker, "energy/home-01/status")
+    # a subscriber of the data: without one the broker drops it (0x10) and nothing is acked
+    data = server(broker, "energy/home-01/realtime")
     rt = Runtime(
         flow(
             "flow: edge\nnodes:\n"
@@ -345,6 +347,7 @@ async def test_retained_status_and_the_last_will(broker: Broker) -> None:
         rt.request_stop()
         await asyncio.wait_for(rt2_task, 10)
     sub.close()
+    data.close()
     # a clean stop says offline itself (a DISCONNECT suppresses the will), retained
     late = server(broker, "energy/home-01/status")
     await asyncio.to_thread(lambda: late.wait_for(lambda s: len(s.messages()) >= 1))
