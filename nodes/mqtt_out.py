@@ -449,12 +449,19 @@ class MqttOut(Sink[MqttOutConfig]):
     def _status(self, state: str, **extra: Any) -> bytes:
         obj: dict[str, Any] = {"state": state, "ts": iso_utc(utcnow()), **extra}
         if state == "online":
-            obj["buffer_depth"] = self._depth() if self._depth is not None else None
+            obj["buffer_depth"] = self._depth() if self._depth is not None else self._inputs_depth()
             obj["in_flight"] = self._in_flight  # PUBLISHes awaiting their PUBACK
             obj["batched"] = len(self._batch)
             obj["last_seq"] = self.last_seq
             obj["versions"] = self._versions
         return json.dumps(obj, separators=(",", ":")).encode()
+
+    def _inputs_depth(self) -> int | None:
+        """The rows still to send in the buffers feeding this node (a sqlite_buffer's
+        `depth`), found through the flow; null when no input keeps such a count."""
+        depths = [getattr(self.ctx.flow.instance(i), "depth", None) for i in self.config.inputs]
+        known = [d for d in depths if isinstance(d, int)]
+        return sum(known) if known else None
 
     def _publish_status(self, client: _mqtt.Client) -> None:
         def done(rc: ReasonCode | None) -> None:

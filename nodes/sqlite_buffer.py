@@ -768,6 +768,10 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
         """Emit up to `limit` committed rows after the cursor; returns how many were read."""
         conn = self._conn
         assert conn is not None
+        if self._cursor >= self._committed_id:
+            # nothing committed past what was read: every ack wakes the sender, and at one
+            # snapshot a second a query per wake-up was most of the buffer's idle CPU
+            return 0
         async with self._lock:
             rows = await conn.execute_fetchall(
                 SELECT_PAGE, (self._cursor, self._committed_id, limit)

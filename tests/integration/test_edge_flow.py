@@ -72,6 +72,7 @@ def run_edge(
     snapshot the buffer numbered, each seq once at least, none missing."""
     server = TestClient(broker, SERVER_ID).connect()
     server.subscribe("energy/test-01/realtime")
+    server.subscribe("energy/test-01/status")
     cert_dir = broker.identity("test-01").cert.parent
     env = {
         **os.environ,
@@ -98,11 +99,16 @@ def run_edge(
     assert "ERROR" not in res.stderr, res.stderr
     try:
         # a stopped flow keeps what the broker had not acknowledged; what it sent is in order
-        server.wait_for(lambda c: len(c.messages()) >= seconds - 3)
-        seqs = [json.loads(m.payload)["seq"] for m in server.messages()]
+        server.wait_for(lambda c: len(c.messages("energy/test-01/realtime")) >= seconds - 3)
+        seqs = [json.loads(m.payload)["seq"] for m in server.messages("energy/test-01/realtime")]
+        statuses = [json.loads(m.payload) for m in server.messages("energy/test-01/status")]
     finally:
         server.close()
     assert seqs == list(range(1, len(seqs) + 1)), seqs
+    # the retained status tells the server how much the edge's buffer still holds
+    online = [st for st in statuses if st["state"] == "online"]
+    assert online and all(isinstance(st["buffer_depth"], int) for st in online), statuses
+    assert statuses[-1]["state"] == "offline"
     return [json.loads(line)["data"] for line in res.stdout.splitlines()]
 
 
