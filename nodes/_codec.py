@@ -458,3 +458,5 @@ def _build_dictionary(names: Sequence[str]) -> bytes:
 
 _ZDICT = _build_dictionary(_NAMES_V1)
 _DICTIONARIES = {zlib.adler32(_ZDICT): _ZDICT}
+# for other zlib users of snapshot msgpack (the buffer's rows): the same names and values
+PRESET_DICTIONARY = _ZDICT

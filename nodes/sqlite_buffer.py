@@ -18,6 +18,7 @@ import aiosqlite
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 from pydantic import Field, field_validator
 
+from nodes._codec import PRESET_DICTIONARY
 from runner import Ack, Backoff, ConsumerConfig, Message, NodeContext, Processor, node
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -58,56 +59,12 @@ SELECT_OLDEST = "SELECT id, device_id, seq, ts_us FROM rows WHERE id > 0 ORDER B
 
 # A row's data is msgpack (exact floats; with it a day of backlog drained in half the time
 # it took with JSON, whose float parsing dominated), compressed by zlib with a preset
-# dictionary: the msgpack form of the canonical field names (DESIGN section 4), which every
-# snapshot repeats. The bench's 75-field snapshot: 1.9 KiB of msgpack, 0.8 KiB zlib'd,
-# 0.6 KiB with the dictionary; small rows keep a commit's rows in one page. A file keeps
-# the dictionary it was created with (table `codec`), so this list may change without
-# making stored rows unreadable.
-_NAMES = (
-    "device_id",
-    "grid_power_w",
-    "grid_import_t1_kwh",
-    "grid_import_t2_kwh",
-    "grid_export_t1_kwh",
-    "grid_export_t2_kwh",
-    "grid_avg_15m_w",
-    "grid_monthly_peak_w",
-    "grid_monthly_peak_ts",
-    "tariff",
-    "power_l1_w",
-    "power_l2_w",
-    "power_l3_w",
-    "voltage_l1_v",
-    "voltage_l2_v",
-    "voltage_l3_v",
-    "current_l1_a",
-    "current_l2_a",
-    "current_l3_a",
-    "gas_total_m3",
-    "water_total_m3",
-    "pv_power_w",
-    "pv_daily_kwh",
-    "pv_total_kwh",
-    "mppt1_voltage_v",
-    "mppt1_current_a",
-    "mppt2_voltage_v",
-    "mppt2_current_a",
-    "battery_power_w",
-    "battery_soc_pct",
-    "battery_soh_pct",
-    "battery_temp_c",
-    "battery_daily_charge_kwh",
-    "battery_daily_discharge_kwh",
-    "inverter_ac_power_w",
-    "inverter_state",
-    "ems_mode",
-    "load_power_w",
-    "import_w",
-    "export_w",
-    "self_consumption_w",
-    "self_sufficiency_pct",
-)
-ZDICT: bytes = msgpack.packb(dict.fromkeys(_NAMES))
+# dictionary: the compact uplink format's (nodes/_codec.py), the msgpack form of the
+# canonical field names (DESIGN section 4) and recurring values, which every snapshot
+# repeats. The bench's 75-field snapshot: 1.9 KiB of msgpack, 0.8 KiB zlib'd, about
+# 0.6 KiB with a dictionary; small rows keep a commit's rows in one page. A file keeps the
+# dictionary it was created with (table `codec`), so files made before stay readable.
+ZDICT: bytes = PRESET_DICTIONARY
 
 
 class SqliteBufferConfig(ConsumerConfig):
