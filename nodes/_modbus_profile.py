@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -19,8 +19,10 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pymodbus.client import AsyncModbusTcpClient
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError
+
+from runner import dotted, yaml_position
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -268,29 +270,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _position(root: Any, path: Path_) -> tuple[int, int]:
-    node, best = root, (0, 0)
-    for part in path:
-        if isinstance(node, CommentedMap):
-            match = next((k for k in node if k == part or str(k) == str(part)), None)
-            if match is None:
-                break
-            child = node[match]
-            at_key = isinstance(child, CommentedMap | CommentedSeq)
-            line, col = node.lc.key(match) if at_key else node.lc.value(match)
-            best, node = (line + 1, col + 1), child
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line, col = node.lc.item(part)
-            best, node = (line + 1, col + 1), node[part]
-        else:
-            break
-    return best
-
-
-def _dotted(path: Iterable[str | int]) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def parse_profile(text: str, path: str) -> Profile:
     """Validate a profile's text; every error found is in the raised ProfileInvalid."""
     try:
@@ -307,15 +286,15 @@ def parse_profile(text: str, path: str) -> Profile:
         lines = []
         for err in exc.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if not isinstance(p, str) or "[" not in p)
-            line, col = _position(root, loc)
+            line, col = yaml_position(root, loc)
             msg = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"{path}:{line}:{col}: {_dotted(loc)}: {msg}")
+            lines.append(f"{path}:{line}:{col}: {dotted(loc)}: {msg}")
         raise ProfileInvalid(lines) from None
     problems = _cross_check(profile)
     if problems:
         raise ProfileInvalid(
             [
-                f"{path}:{':'.join(map(str, _position(root, w)))}: {_dotted(w)}: {m}"
+                f"{path}:{':'.join(map(str, yaml_position(root, w)))}: {dotted(w)}: {m}"
                 for w, m in problems
             ]
         )

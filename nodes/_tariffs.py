@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -42,8 +42,10 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError
+
+from runner import dotted, yaml_position
 
 BRUSSELS = ZoneInfo("Europe/Brussels")
 TARIFF_DIR = Path(__file__).parent / "profiles" / "tariffs"
@@ -468,31 +470,6 @@ def _plain(value: Any) -> Any:
     return value  # dates stay dates
 
 
-def _position(root: Any, path: _Path, key: bool = False) -> tuple[int, int]:
-    """1-based line and column of the value at `path` (of its key with `key`, or of its
-    deepest existing parent)."""
-    node, best = root, (0, 0)
-    for i, part in enumerate(path):
-        if isinstance(node, CommentedMap):
-            match = next((k for k in node if str(k) == str(part)), None)
-            if match is None:
-                break
-            child = node[match]
-            at_key = (key and i == len(path) - 1) or isinstance(child, CommentedMap | CommentedSeq)
-            line, col = node.lc.key(match) if at_key else node.lc.value(match)
-            best, node = (line + 1, col + 1), child
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line, col = node.lc.item(part)
-            best, node = (line + 1, col + 1), node[part]
-        else:
-            break
-    return best
-
-
-def _dotted(path: Iterable[str | int]) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def _price_mismatches(model: BaseModel, vat_pct: Decimal, path: _Path) -> list[tuple[_Path, str]]:
     """Every price in the model whose excl and incl disagree."""
     out: list[tuple[_Path, str]] = []
@@ -559,9 +536,9 @@ def _parse(text: str, path: str) -> tuple[DistributionFile | TaxesFile | Supplie
             )
             # a bad `kind` fails the whole file: point at the kind
             # an unknown field is pointed at by its name, where the typo is
-            line, col = _position(root, loc or ("kind",), key=err["type"] == "extra_forbidden")
+            line, col = yaml_position(root, loc or ("kind",), key=err["type"] == "extra_forbidden")
             msg = str(err["msg"]).removeprefix("Value error, ")
-            where = f"{_dotted(loc)}: " if loc else ""
+            where = f"{dotted(loc)}: " if loc else ""
             lines.append(f"{path}:{line}:{col}: {where}{msg}")
         raise TariffInvalid(lines) from None
     problems = _price_mismatches(parsed, parsed.vat_pct, ())
@@ -570,7 +547,7 @@ def _parse(text: str, path: str) -> tuple[DistributionFile | TaxesFile | Supplie
     if problems:
         raise TariffInvalid(
             [
-                f"{path}:{':'.join(map(str, _position(root, w)))}: {_dotted(w)}: {m}"
+                f"{path}:{':'.join(map(str, yaml_position(root, w)))}: {dotted(w)}: {m}"
                 for w, m in problems
             ]
         )
@@ -614,8 +591,8 @@ def load_tariffs(directory: Path | str | None = None) -> TariffBook:
         lines.append(f"{folder}: no tariff files (*.yaml)")
     book = TariffBook(files)
     for path, where, msg in book.conflicts():
-        line, col = _position(roots[path], where)
-        lines.append(f"{path}:{line}:{col}: {_dotted(where)}: {msg}")
+        line, col = yaml_position(roots[path], where)
+        lines.append(f"{path}:{line}:{col}: {dotted(where)}: {msg}")
     if lines:
         raise TariffInvalid(lines)
     return book

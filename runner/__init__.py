@@ -11,6 +11,7 @@ from runner.node import FlowView, Node, NodeContext, Processor, Sink, Source
 from runner.registry import node
 from runner.stats import NodeStats
 from runner.timing import Backoff, every
+from runner.yamlpos import dotted, yaml_position
 
 __all__ = [
     "DEFAULT_GLOBALS",
@@ -35,9 +36,11 @@ __all__ = [
     "Source",
     "SourceConfig",
     "compile_expr",
+    "dotted",
     "every",
     "node",
     "utcnow",
+    "yaml_position",
 ]
 
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from runner.config import ConsumerConfig, MappingKeyError, NodeConfig
 from runner.errors import FlowError, FlowInvalid
 from runner.graph import find_cycle
 from runner.node import Node
+from runner.yamlpos import dotted, yaml_position
 
 TOP_LEVEL_KEYS = ("flow", "vars", "nodes", "description")
 NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -74,24 +75,7 @@ class _Positions:
 
     def of(self, path: tuple[str | int, ...], key: bool = False) -> tuple[int, int]:
         """Position of the value at `path` (or of its key), else of the deepest parent."""
-        node = self.root
-        best = (0, 0)
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
-            if isinstance(node, CommentedMap) and part in node:
-                child = node[part]
-                # a nested collection is pointed at by its key, which is where people look
-                at_key = (key and last) or isinstance(child, CommentedMap | CommentedSeq)
-                line, col = node.lc.key(part) if at_key else node.lc.value(part)
-                best = (line + 1, col + 1)
-                node = child
-            elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-                line, col = node.lc.item(part)
-                best = (line + 1, col + 1)
-                node = node[part]
-            else:
-                break
-        return best
+        return yaml_position(self.root, path, key=key)
 
 
 def _plain(value: Any) -> Any:
@@ -120,7 +104,7 @@ class _Loader:
 
     def error(self, where: tuple[str | int, ...], message: str, key: bool = False) -> None:
         line, col = self.pos.of(where, key=key)
-        self.errors.append(FlowError(self.path, line, col, _dotted(where), message))
+        self.errors.append(FlowError(self.path, line, col, dotted(where), message))
 
     def substitute(self, value: Any, where: tuple[str | int, ...], scope: Mapping[str, str]) -> Any:
         if isinstance(value, Mapping):
@@ -262,7 +246,7 @@ class _Loader:
                 self.error((*where, *loc), msg, key=True)
             elif kind == "missing":
                 self.error((*where, *loc[:-1]), f"required field {loc[-1]!r} is missing")
-                self.errors[-1] = _replace_where(self.errors[-1], _dotted((*where, *loc)))
+                self.errors[-1] = _replace_where(self.errors[-1], dotted((*where, *loc)))
             else:
                 if msg.startswith("Value error, "):
                     msg = msg[len("Value error, ") :]
@@ -292,10 +276,6 @@ class _Loader:
         cycle = find_cycle(edges)
         if cycle:
             self.error(("nodes", cycle[0], "inputs"), "cycle: " + " -> ".join(cycle))
-
-
-def _dotted(where: tuple[str | int, ...]) -> str:
-    return ".".join(str(p) for p in where)
 
 
 def _replace_where(err: FlowError, where: str) -> FlowError:
