@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import tty
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,35 +24,13 @@ from nodes._household import HouseholdConfig, shared
 from nodes.dsmr_read import DsmrRead
 from nodes.dsmr_sim import DsmrSim
 from runner.engine import Runtime
-from runner.loader import load_text
 from tests import kinds
+from tests.aio import running, until
 from tests.net import free_port
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "dsmr" / "fluvius-v171.txt"
 RAW = FIXTURE.read_bytes()
 START = "2026-01-14T07:00:00Z"
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(yaml: str) -> AsyncIterator[Runtime]:
-    rt = Runtime(load_text(yaml, "t.yaml", env={}), stop_deadline_s=2)
-    task = asyncio.create_task(rt.run())
-    await rt.started.wait()
-    try:
-        yield rt
-        assert not task.done(), "the flow stopped by itself"
-    finally:
-        rt.request_stop()
-        await asyncio.wait_for(task, 5)
 
 
 def sim_flow(port: int, name: str, faults: str = "{}", read: str = "") -> str:

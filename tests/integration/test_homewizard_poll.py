@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,8 @@ from aiohttp import web
 
 from nodes._household import Snapshot
 from nodes.homewizard_sim import Faults, HomewizardSim
-from runner.engine import Runtime
-from runner.loader import load_text
 from tests import kinds
+from tests.aio import running, until
 from tests.net import free_port
 from tests.unit.nodectx import build
 
@@ -30,28 +29,6 @@ SERIAL = "3c39e7aabbcc"
 TOKEN = "0123456789ABCDEF0123456789ABCDEF"
 WINTER = "2026-01-14T18:00:00Z"  # Wednesday 19:00 in Brussels: day tariff, importing
 SUMMER = "2026-06-15T10:00:00Z"  # Monday noon in Brussels: exporting
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(yaml: str) -> AsyncIterator[Runtime]:
-    rt = Runtime(load_text(yaml, "t.yaml", env={}), stop_deadline_s=2)
-    task = asyncio.create_task(rt.run())
-    await rt.started.wait()
-    try:
-        yield rt
-        assert not task.done(), "the flow stopped by itself"
-    finally:
-        rt.request_stop()
-        await asyncio.wait_for(task, 5)
 
 
 @contextlib.asynccontextmanager

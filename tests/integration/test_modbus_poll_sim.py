@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from runner import Message
 from runner.engine import Runtime
 from runner.loader import load_text
 from tests import kinds
+from tests.aio import until
 from tests.integration.test_sungrow_sim import EVENING, household, sim_running
 from tests.net import free_port
 from tests.unit.nodectx import Ctx, build
@@ -51,13 +52,6 @@ async def poller(port: int, profile: str, **config: Any) -> AsyncIterator[tuple[
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.01)
 
 
 def expected(s: Snapshot) -> dict[str, tuple[Any, float]]:

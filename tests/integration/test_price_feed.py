@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,9 @@ from pydantic import ValidationError
 
 from nodes import price_feed
 from nodes.price_feed import PriceFeedConfig
-from runner.engine import Runtime
-from runner.loader import load_text
 from runner.message import Message
 from tests import kinds
+from tests.aio import running, until
 from tests.net import free_port
 
 # entsoe-py parses with BeautifulSoup's HTML parser and silences bs4's warning about it when
@@ -206,28 +205,6 @@ async def replaying(**attrs: Any) -> AsyncIterator[Replay]:
 
 
 # running a flow ------------------------------------------------------------------------------
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(yaml: str) -> AsyncIterator[Runtime]:
-    rt = Runtime(load_text(yaml, "t.yaml", env={}), stop_deadline_s=2)
-    task = asyncio.create_task(rt.run())
-    await rt.started.wait()
-    try:
-        yield rt
-        assert not task.done(), "the flow stopped by itself"
-    finally:
-        rt.request_stop()
-        await asyncio.wait_for(task, 5)
 
 
 def feed_flow(**config: Any) -> str:

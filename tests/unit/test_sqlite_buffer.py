@@ -10,7 +10,7 @@ import shutil
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +23,7 @@ from runner.engine import Runtime
 from runner.errors import FlowInvalid
 from runner.registry import summary
 from tests import kinds
+from tests.aio import until
 from tests.conftest import flow, run_until_done
 from tests.unit.nodectx import build
 
@@ -130,14 +131,6 @@ def rows(db: Path) -> list[tuple[int, str, int]]:
 
 def seqs(node_id: str = "out") -> list[int]:
     return [m.seq for m in kinds.COLLECTED[node_id] if m.seq is not None]
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or cond}")
-        await asyncio.sleep(0.005)
 
 
 def snapshot_rows(db: Path, where: Path) -> list[int]:
