@@ -13,15 +13,22 @@ but it hides two things the delivery guarantee needs (DESIGN section 12):
   constructor and calls it `_client`. `Client(manual_ack=True)` switches it on before the
   connection, and `ack(mid)` sends the PUBACK.
 
+A third it lacks: flow control for received messages. A broker must send no more than
+our Receive Maximum unacknowledged, but Mosquitto 2.0.11 does once PUBACKs flow, and
+aiomqtt queues whatever paho reads without a bound. With manual acks `Client` stops
+reading the socket at `receive_maximum` unacked messages and reads again at half: its
+own socket reader replaces aiomqtt's (`_on_socket_open`, the same loop plus the pause).
+
 Driving paho on the asyncio loop ourselves would mean re-writing aiomqtt's socket glue;
 leaning on a few private names of a pinned aiomqtt (pyproject: >=2.3,<3) is smaller:
 its paho callbacks `_on_publish`, `_on_connect` (the session-present flag and the
-broker's Receive Maximum, which aiomqtt drops) and `_on_disconnect` (overridden, then
-called), its `_client` (the paho client) and `_disconnected` (the end of the
-connection). The integration tests exercise all of them against a real Mosquitto, so an
-aiomqtt upgrade that changes them fails there, not in the field. paho calls these
-handlers on the event loop thread (aiomqtt reads and writes the socket from loop
-callbacks), so the callbacks run there too.
+broker's Receive Maximum, which aiomqtt drops), `_on_disconnect`, `_on_message` and
+`_on_socket_close` (overridden, then called), `_on_socket_open` (replaced), its
+`_client` (the paho client), `_loop`, `_misc_loop` / `_misc_task` (paho's keep-alive
+timer) and `_disconnected` (the end of the connection). The integration tests exercise
+all of them against a real Mosquitto, so an aiomqtt upgrade that changes them fails
+there, not in the field. paho calls these handlers on the event loop thread (aiomqtt
+reads and writes the socket from loop callbacks), so the callbacks run there too.
 
 One `Client` is one connection: the nodes build a new one for each attempt, so no paho
 state (queued messages, message ids) outlives the connection it belonged to.
@@ -29,6 +36,7 @@ state (queued messages, message ids) outlives the connection it belonged to.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import ssl
@@ -141,6 +149,21 @@ class Client(aiomqtt.Client):
         self._pubacks: dict[int, PubackCallback] = {}
         self.session_present = False
         self.receive_maximum = 65535
+        # received QoS 1 messages not yet PUBACKed (manual_ack): reading the socket pauses
+        # at `receive_maximum` of them and resumes at half. A broker must not send more
+        # than our Receive Maximum, but Mosquitto 2.0.11 does once PUBACKs flow: a backlog
+        # after an outage then piled up in aiomqtt's unbounded queue (150,000 JSON
+        # messages: 867 MB). Paused, the rest waits at the broker, in the session.
+        self._hold_max = receive_maximum if manual_ack and receive_maximum else None
+        self.unacked = 0
+        self.unacked_peak = 0
+        self.pauses = 0
+        self._read_fd: int | None = None
+        self._paused = False
+        # paho's timers (the keep-alive ping, the dead-link check) every quarter keepalive
+        # instead of aiomqtt's every second: an edge at 1 Hz wakes less; a ping goes out
+        # at most a quarter keepalive late, within the broker's 1.5x
+        self._misc_every_s = max(1.0, keepalive_s / 4)
 
     @property
     def closed(self) -> bool:
@@ -176,6 +199,64 @@ class Client(aiomqtt.Client):
     def ack(self, mid: int) -> None:
         """Send the PUBACK of a received QoS 1 message (manual_ack=True)."""
         self._client.ack(mid, 1)
+        self.unacked = max(0, self.unacked - 1)
+        if self._paused and self._hold_max is not None and self.unacked <= self._hold_max // 2:
+            self._resume_reading()
+
+    # reading the socket (aiomqtt's reader, with a pause) -----------------------------------
+
+    def _read_ready(self) -> None:
+        # aiomqtt's reader callback, plus the pause: paho reads about one packet per
+        # loop_read, and TLS may hold decoded bytes the socket no longer signals
+        client = self._client
+        try:
+            while not self._paused:
+                client.loop_read()
+                sock: Any = client._sock  # paho's socket, as aiomqtt reads it
+                if not (hasattr(sock, "pending") and sock.pending() > 0):
+                    break
+        except Exception as exc:  # a broken connection, as aiomqtt handles it
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # aiomqtt's, with our reader: paho calls this from the thread that connects
+        fd = sock.fileno()
+        self._read_fd = fd
+
+        def create_misc_task() -> None:
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._loop.call_soon_threadsafe(self._loop.add_reader, fd, self._read_ready)
+        self._loop.call_soon_threadsafe(create_misc_task)
+
+    async def _misc_loop(self) -> None:
+        while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 - a timer
+            await asyncio.sleep(self._misc_every_s)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._read_fd = None
+        super()._on_socket_close(client, userdata, sock)
+
+    def _pause_reading(self) -> None:
+        self._paused = True
+        self.pauses += 1
+        if self._read_fd is not None:
+            self._loop.remove_reader(self._read_fd)
+
+    def _resume_reading(self) -> None:
+        self._paused = False
+        if self._read_fd is not None and not self.closed:
+            self._loop.add_reader(self._read_fd, self._read_ready)
+            self._loop.call_soon(self._read_ready)  # what TLS decoded before the pause
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        super()._on_message(client, userdata, message)
+        if self._hold_max is not None and message.qos > 0:
+            self.unacked += 1
+            self.unacked_peak = max(self.unacked_peak, self.unacked)
+            if self.unacked >= self._hold_max and not self._paused:
+                self._pause_reading()
 
     def fail_pending(self) -> None:
         pending, self._pubacks = self._pubacks, {}

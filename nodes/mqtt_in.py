@@ -19,7 +19,11 @@ MQTT_CLEAN_START_FIRST_ONLY would start clean on the first connection of every n
 process), with a fixed `client_id` and a long `session_expiry_s`, so the broker keeps the
 QoS 1 messages that arrive while the server is down. At most `max_in_flight` messages
 (our Receive Maximum; Mosquitto's max_inflight_messages caps it too) await their PUBACK:
-a store that holds more than that before acking stalls the ingest.
+a store that holds more than that before acking stalls the ingest. A broker that sends
+more anyway (Mosquitto 2.0.11 does, once PUBACKs flow) finds the socket unread until
+half of them are acked: a backlog waits at the broker, not in this process's memory.
+A store that stays silent for about twice `keepalive_s` then drops the connection
+(paho reads no PINGRESP while paused); the messages come again after the reconnect.
 
 Trust boundary: each payload is checked (size, JSON or compact, types, device id equal
 to the topic's device) before it becomes a message; a payload that fails goes to the
@@ -352,6 +356,7 @@ class _Connection:
         self.drained = asyncio.Event()
         self.drained.set()
         self.why: str | None = None
+        self.up_at: float | None = None  # when the subscription was confirmed
 
     def track(self, mid: int) -> _Entry:
         entry = _Entry(mid)
@@ -458,9 +463,8 @@ class MqttIn(Source[MqttInConfig]):
                 async with client:
                     conn = self._conn = _Connection(client)
                     try:
-                        await self._subscribe(client)
-                        up_at = loop.time()
                         nacked = await self._consume(conn)
+                        up_at = conn.up_at
                         if nacked:
                             await self._drain(conn)
                     except asyncio.CancelledError:
@@ -515,10 +519,15 @@ class MqttIn(Source[MqttInConfig]):
         self.ctx.progress()
 
     async def _consume(self, conn: _Connection) -> bool:
-        """Take messages until the connection ends (raises) or a nack (returns True)."""
+        """Subscribe and take messages until the connection ends (raises) or a nack (returns
+        True). Messages are taken while the SUBACK is awaited: a resumed session's backlog
+        comes before it, and with the socket paused at max_in_flight (see _mqtt.Client)
+        the SUBACK is only read once some of those were acked."""
         reader = asyncio.ensure_future(self._read(conn))
         broken = asyncio.ensure_future(conn.broken.wait())
         try:
+            await self._subscribe(conn.client)
+            conn.up_at = asyncio.get_running_loop().time()
             await asyncio.wait({reader, broken}, return_when=asyncio.FIRST_COMPLETED)
             if reader.done():
                 reader.result()  # the connection ended: MqttError

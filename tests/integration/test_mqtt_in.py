@@ -180,6 +180,36 @@ async def test_at_most_max_in_flight_messages_await_their_puback(broker: Broker)
     assert [m.seq for m in collected()] == list(range(12))
 
 
+async def test_reading_pauses_when_the_broker_sends_beyond_max_in_flight(
+    broker: Broker,
+) -> None:
+    """Mosquitto 2.0.11 sends more than our Receive Maximum once PUBACKs flow; the client
+    stops reading at max_in_flight unacked messages, so a backlog stays at the broker
+    instead of in this process's memory, and reads again as the store acks."""
+    edge = device(broker)
+    n, window = 400, 5
+    async with Running(server_flow(broker, sink="t_manual_sink", max_in_flight=window)) as run:
+        for seq in range(n):
+            edge.publish(TOPIC, payload(seq))
+        conn = run.node._conn
+        assert conn is not None
+        client = conn.client
+        acked = 0
+        deadline = time.monotonic() + 30
+        while acked < n:
+            assert time.monotonic() < deadline, f"timed out at {acked} acked"
+            # the store acks one message at a time, as the broker's sends come in
+            for m in collected()[acked : acked + 1]:
+                m.settle_ack()
+                acked += 1
+            await asyncio.sleep(0)
+        peak, pauses = client.unacked_peak, client.pauses
+    edge.close()
+    assert [m.seq for m in collected()] == list(range(n))
+    assert peak <= window, f"{peak} unacked messages held at once"
+    assert pauses > 0  # the broker did send beyond the window: the pause was needed
+
+
 async def test_unacked_messages_come_again_after_a_restart(broker: Broker) -> None:
     edge = device(broker)
     async with Running(server_flow(broker, sink="t_manual_sink")):
