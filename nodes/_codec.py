@@ -18,8 +18,8 @@ The batch is columnar, because a snapshot at 1 Hz differs little from the one be
     column = [name, kind, body, absent]     absent: indices of snapshots without the key
     kind INT:   body = [order, nones, ints]   Python ints
     kind FLOAT: body = [order, nones, ints, scale]   floats that are exact decimals:
-                value = ints[i] / 10**scale, decoded through the decimal string so it is
-                the very same float (repr round trip)
+                value = ints[i] / 10**scale, correctly rounded (Python's int / int), so
+                it is the very same float (repr round trip)
     kind RAW:   body = [value, run, value, run, ...]   anything else, run-length coded
 
 `ints` are the non-null values of the column, delta-coded `order` times (0, 1 or 2: the
@@ -52,6 +52,7 @@ MAGIC = b"\xff\x01"
 VERSION = 1
 INT, FLOAT, RAW = 0, 1, 2
 MAX_SCALE = 12  # beyond this, decimals are not measurements: RAW keeps them exact
+_POW10: tuple[int, ...] = tuple(10**s for s in range(MAX_SCALE + 1))
 _INT64 = 2**63
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -167,8 +168,14 @@ def _decimal(x: float) -> tuple[int, int] | None:
 
 
 def _float_of(mantissa: int, scale: int) -> float:
-    # through the decimal string: correctly rounded, so the float that printed as it
-    return float(f"{mantissa}e-{scale}")
+    """mantissa / 10**scale, the float nearest to it: the one that printed as it.
+
+    Python's int / int is correctly rounded (round half to even), like float() of the
+    decimal string `{mantissa}e-{scale}`, which this replaced at a tenth of the cost: both
+    give the double nearest to the same rational, so the very same float. It cannot
+    overflow: a decoded mantissa is at most (values per batch)**2 * 2**64 and the scale
+    at most MAX_SCALE, and an encoded one is a finite float times 10**scale."""
+    return mantissa / _POW10[scale]
 
 
 def _int_body(values: list[int | None]) -> list[Any] | None:
@@ -328,7 +335,8 @@ def _decode_column(kind: Any, body: Any, n: int, name: str) -> list[Scalar]:
         _expect(len(rest) == 1 and type(rest[0]) is int, f"{name}: bad scale")
         scale = rest[0]
         _expect(0 <= scale <= MAX_SCALE, f"{name}: bad scale")
-        return [None if m is None else _float_of(m, scale) for m in ints]
+        div = _POW10[scale]  # what _float_of does, without a call a value
+        return [None if m is None else m / div for m in ints]
     if kind == RAW:
         _expect(isinstance(body, list) and len(body) % 2 == 0, f"{name}: bad runs")
         out: list[Scalar] = []

@@ -5,7 +5,9 @@ Two APIs: `api: v2` goes through influxdb-client's async write API (`/api/v2/wri
 InfluxDB 2.x, 3.x, and 1.8+ whose compatibility endpoint takes `user:password` as the
 token and `db/rp` as the bucket); `api: v1` posts to `/write` with aiohttp, because
 influxdb-client only speaks `/api/v2/write`, which InfluxDB up to 1.7 answers with 404.
-Both send the same body: line protocol made by influxdb-client's `Point`, never by hand.
+Both send the same body: line protocol made by influxdb-client's own point serialisation
+(nodes/_line.py: its escaping and formatting with caches, byte for byte what its `Point`
+makes), never by hand.
 
 The point of a message: measurement `measurement` (or the message's `_measurement` field,
 which an `aggregate` node sets), the fields named in `tags` as tags plus `static_tags`,
@@ -49,10 +51,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 from urllib.parse import urlsplit
 
 import aiohttp
-from influxdb_client.client.write.point import Point as _Point
 from pydantic import Field, field_validator, model_validator
 
-from runner import Backoff, ConsumerConfig, Message, NodeContext, Sink, node
+from nodes._line import LineSerializer
+from runner import Backoff, ConsumerConfig, Message, NodeContext, Scalar, Sink, node
 
 if TYPE_CHECKING:
     from influxdb_client.client.write_api_async import WriteApiAsync
@@ -70,9 +72,6 @@ _BEYOND_RP = re.compile(r"^partial write: points beyond retention policy dropped
 # transient answers: the same batch may succeed later
 _RETRY_STATUS = frozenset({408, 429})
 _REASON_CHARS = 300
-# influxdb-client's Point has no annotations: one typed name for it, so mypy --strict
-# accepts its calls here
-Point: Any = _Point
 
 
 class InfluxWriteConfig(ConsumerConfig):
@@ -288,12 +287,15 @@ class InfluxWrite(Sink[InfluxWriteConfig]):
         super().__init__(config, ctx)
         cfg = config
         self.where = cfg.url
-        self._tags = frozenset(cfg.tags)
-        # data fields that are never written as fields
-        self._skip = frozenset(
-            [*cfg.static_tags, *(f for f in (cfg.measurement_field, cfg.seq_field) if f)]
+        # data fields written as tags (True) and never written as fields (False): the
+        # static tags', the measurement field and the seq field (one lookup a field)
+        self._roles: dict[str, bool] = dict.fromkeys(
+            [*cfg.static_tags, *(f for f in (cfg.measurement_field, cfg.seq_field) if f)], False
         )
+        for tag in cfg.tags:
+            self._roles.setdefault(tag, True)
         self._per = _PER_NS[cfg.precision]
+        self._serializer = LineSerializer(cfg.static_tags)
         # measurement -> field -> the type its values are written as: the first this
         # process wrote, or the one InfluxDB said it stores
         self._types: dict[str, dict[str, str]] = {}
@@ -417,55 +419,59 @@ class InfluxWrite(Sink[InfluxWriteConfig]):
             named = data.get(cfg.measurement_field)
             if isinstance(named, str) and named:
                 measurement = named
-        point = Point(measurement)
-        for key, text in cfg.static_tags.items():
-            point.tag(key, text)
-        tags, skip = self._tags, self._skip
+        point_tags: dict[str, str] = {}
+        fields: dict[str, Scalar] = {}
+        roles = self._roles
         types = self._types.get(measurement)
         if types is None:
             types = self._types[measurement] = {}
-        isfinite = math.isfinite
         for key, value in data.items():
-            if value is None or key in skip:
+            if value is None:
                 continue
-            if key in tags:
-                point.tag(key, value if isinstance(value, str) else str(value))
+            role = roles.get(key)
+            if role is not None:
+                if role:  # a tag; else a field never written
+                    point_tags[key] = str(value)  # what Point prints of it, also of a str
                 continue
-            if isinstance(value, str):
+            if type(value) is float:  # most of them: checked first
+                kind = "float"
+                if value - value != 0.0:  # NaN or +-inf
+                    self.dropped_values += 1
+                    continue
+            elif isinstance(value, str):
                 kind = "string"
             else:
                 kind = "float"
-                if type(value) is not float:
-                    # int and bool too: 1 and 1.0 must never become two types of one field
-                    try:
-                        value = float(value)
-                    except (OverflowError, TypeError, ValueError):
-                        # an int beyond a float, or not a scalar at all (no Message should
-                        # carry one): leave it out rather than refuse the whole message
-                        value = math.inf
-                if not isfinite(value):
+                # int and bool too: 1 and 1.0 must never become two types of one field
+                try:
+                    value = float(value)
+                except (OverflowError, TypeError, ValueError):
+                    # an int beyond a float, or not a scalar at all (no Message should
+                    # carry one): leave it out rather than refuse the whole message
+                    value = math.inf
+                if not math.isfinite(value):
                     self.dropped_values += 1
                     continue
             known = types.get(key)
-            if known is None:
+            if known != kind:
+                if known is not None:
+                    self._mismatch(measurement, key, kind, known)
+                    continue
                 types[key] = kind
-            elif known != kind:
-                self._mismatch(measurement, key, kind, known)
-                continue
-            point.field(key, value)
+            fields[key] = value
         seq_field = cfg.seq_field
         if msg.seq is not None and seq_field is not None:
             known = types.setdefault(seq_field, "integer")
             if known == "integer":
-                point.field(seq_field, msg.seq)
+                fields[seq_field] = msg.seq
             else:
                 self._mismatch(measurement, seq_field, "integer", known)
         ts = msg.ts if msg.ts.tzinfo is not None else msg.ts.replace(tzinfo=UTC)
         # integer arithmetic: through a float, ns since 1970 lose their last digits
         ns = (ts - _EPOCH) // timedelta(microseconds=1) * 1000
-        point.time(ns // self._per, cfg.precision)
-        line: str = point.to_line_protocol()
-        return line
+        # what Point(measurement).tag(...).field(...).time(...).to_line_protocol() makes; str():
+        # the serialiser's caches compare by value, Point prints str() of a str subclass
+        return self._serializer.line(str(measurement), point_tags, fields, ns // self._per)
 
     def _mismatch(self, measurement: str, key: str, kind: str, known: str) -> None:
         self.dropped_values += 1

@@ -13,11 +13,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodes._codec import (
     MAGIC,
+    MAX_SCALE,
     CodecError,
     Snapshot,
+    _float_of,
     decode_compact,
     encode_compact,
     encode_json,
@@ -294,3 +298,15 @@ def test_json_carries_seq_and_the_time_to_the_microsecond() -> None:
     assert "seq" not in json.loads(encode_json("home-01", Snapshot(T0, None, {})))
     with pytest.raises(CodecError, match="JSON"):
         encode_json("home-01", Snapshot(T0, 1, {"x": math.nan}))
+
+
+@given(
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.integers(min_value=0, max_value=MAX_SCALE),
+)
+@settings(max_examples=2000, deadline=None)
+def test_float_of_is_the_float_of_the_decimal_string(mantissa: int, scale: int) -> None:
+    # the decoder divides (correctly rounded); encoders and files from before parsed the
+    # decimal string: both must give the very same float, or old batches decode otherwise
+    assert _float_of(mantissa, scale) == float(f"{mantissa}e-{scale}")
+    assert _float_of(mantissa, scale).hex() == float(f"{mantissa}e-{scale}").hex()
