@@ -298,6 +298,8 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
         self._nacked: set[int] = set()  # nacked since the last go-back
         # the committer's and the sender's wake-ups; `_room` lets a held-up input go on
         self._commit_wake = asyncio.Event()
+        self._commit_timed = False  # the committer sleeps until a commit of held writes
+        self._sender_wants_rows = False  # the sender has sent every committed row
         self._send_wake = asyncio.Event()
         self._room = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
@@ -452,7 +454,7 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
         row = _Row(self._next_id, device, seq, (ts - EPOCH) // _US, blob, msg.ack)
         self._next_id += 1
         self._pending.append(row)
-        if len(self._pending) == 1 or len(self._pending) >= self.config.page_size:
+        if len(self._pending) >= self.config.page_size or not self._commit_timed:
             self._commit_wake.set()
 
     # committing ------------------------------------------------------------------------
@@ -474,8 +476,14 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
             else:
                 due = self._retention_at
             if due > now:
+                # sleeping until a commit of writes already held: more writes need not
+                # wake it (only a full batch or closing does); at one snapshot a second
+                # each message and each ack woke it for nothing
+                self._commit_timed = self._has_writes()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._commit_wake.wait(), due - now)
+                    async with asyncio.timeout(due - now):
+                        await self._commit_wake.wait()
+                self._commit_timed = False
                 continue  # woken early (new work, a full batch, closing) or due: look again
             try:
                 await self._commit()
@@ -689,7 +697,12 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
                     await self._send_wake.wait()
                     continue
                 if not await self._send(min(room, self.config.page_size)):
-                    await self._send_wake.wait()
+                    # nothing committed to send: only a commit (or a nack) matters now
+                    self._sender_wants_rows = True
+                    try:
+                        await self._send_wake.wait()
+                    finally:
+                        self._sender_wants_rows = False
             except Exception as exc:  # a read failed: the rows stay, try again
                 self.ctx.stats.errors += 1
                 log = self.ctx.log.debug if read_failing else self.ctx.log.error
@@ -778,8 +791,10 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
         if ok:
             self.acked += 1
             self._acked.add(row_id)
-            if len(self._acked) == 1 and not self._pending:
+            if not self._commit_timed:
                 self._commit_wake.set()
+            if self._sender_wants_rows:
+                return  # an ack makes room, but there is nothing to send into it
         else:
             self.nacked += 1
             self._nacked.add(row_id)

@@ -293,7 +293,7 @@ class Runtime:
                     finally:
                         self._start_attempted(slot)
                     await self._gate.wait()
-                    slot.work = asyncio.create_task(self._work(slot, inst))
+                    slot.work = asyncio.create_task(self._work(slot, inst), name=f"work:{slot.id}")
                     slot.restarted.set()
                     await slot.work
                 except asyncio.CancelledError:

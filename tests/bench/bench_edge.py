@@ -48,6 +48,10 @@ from tests.services.mosquitto import SERVER_ID, Broker, TestClient
 NAME = "edge"
 DEVICE = "bench-01"
 EDGE_S = float(os.environ.get("FLOWRUN_BENCH_EDGE_S", "120"))
+# another flow file, to compare (e.g. the edge without buffer and uplink)
+EDGE_FLOW = os.environ.get("FLOWRUN_BENCH_EDGE_FLOW", "flows/edge.yaml")
+# a file for a cProfile of the edge process (main thread), written at its stop
+PROFILE = os.environ.get("FLOWRUN_BENCH_EDGE_PROFILE")
 WARMUP_S = min(10.0, EDGE_S / 4)
 LOG_EVERY_S = 10
 RSS_TARGET_MB = 50.0
@@ -117,7 +121,7 @@ def measure() -> tuple[float | None, Details]:
         # byte code cached (as on a Pi that ran flowrun before): validating imports every
         # node module of the flow
         subprocess.run(
-            [*flowrun_cmd(), "validate", "flows/edge.yaml"],
+            [*flowrun_cmd(), "validate", EDGE_FLOW],
             cwd=ROOT,
             env={**child_env(), **edge_env},
             stdout=subprocess.DEVNULL,
@@ -136,8 +140,19 @@ def measure() -> tuple[float | None, Details]:
             for port in (p1_port, inverter_port):
                 wait_listening(port)
             out_path, err_path = d / "edge.out", d / "edge.err"
-            args = [*flowrun_cmd(), "run", "flows/edge.yaml", "--no-reload"]
+            args = [*flowrun_cmd(), "run", EDGE_FLOW, "--no-reload"]
             args += ["--for", str(EDGE_S + 30)]
+            if PROFILE:
+                args = [
+                    sys.executable,
+                    "-m",
+                    "cProfile",
+                    "-o",
+                    PROFILE,
+                    "-m",
+                    "runner.cli",
+                    *args[1:],
+                ]
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 t0 = time.perf_counter()
                 edge = spawn(args, stdout=out, stderr=err, cwd=ROOT, env=edge_env)
@@ -204,7 +219,7 @@ def measure() -> tuple[float | None, Details]:
         "broker_duplicates": len(seqs) - len(set(seqs)),
         "errors_logged": errors[:5],
         "exit_code": code,
-        "flow": "flows/edge.yaml: http_poll P1 v1 1 s + modbus_poll SH10RT 5 s -> merge -> "
+        "flow": f"{EDGE_FLOW}: http_poll P1 v1 1 s + modbus_poll SH10RT 5 s -> merge -> "
         f"derive -> sqlite_buffer -> mqtt_out (TLS, json) -> Mosquitto; derive -> "
         f"throttle {LOG_EVERY_S} s -> debug",
     }
