@@ -75,6 +75,10 @@ class Snapshot:
 class Batch:
     device_id: str
     snapshots: list[Snapshot]
+    # the names of the batch's columns, and of those coded RAW: only these may hold other
+    # values than ints, finite floats and None (a receiver checks what it must once)
+    fields: frozenset[str] = frozenset()
+    raw_fields: frozenset[str] = frozenset()
 
 
 # time -----------------------------------------------------------------------------------
@@ -373,6 +377,8 @@ def decode_compact(
     seq, _ = _ints(seq_body, n, "seq")
     _expect(all(t is not None for t in ts), "ts: null")
     datas: list[dict[str, Scalar]] = [{} for _ in range(n)]
+    names: set[str] = set()
+    raw_names: set[str] = set()
     for col in columns:
         _expect(isinstance(col, list) and len(col) == 4, "bad column")
         name, kind, body, absent = col
@@ -382,10 +388,17 @@ def decode_compact(
             f"{name}: bad absent list",
         )
         values = _decode_column(kind, body, n, name)
-        skip = set(absent)
-        for i, value in enumerate(values):
-            if i not in skip:
-                datas[i][name] = value
+        names.add(name)
+        if kind == RAW:
+            raw_names.add(name)
+        if absent:
+            skip = set(absent)
+            for i, value in enumerate(values):
+                if i not in skip:
+                    datas[i][name] = value
+        else:
+            for data, value in zip(datas, values, strict=True):
+                data[name] = value
     try:
         stamps = [_from_micros(t) for t in ts if t is not None]
     except OverflowError:
@@ -393,6 +406,8 @@ def decode_compact(
     return Batch(
         device_id,
         [Snapshot(t, s, d) for t, s, d in zip(stamps, seq, datas, strict=True)],
+        frozenset(names),
+        frozenset(raw_names),
     )
 
 

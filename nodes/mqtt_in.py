@@ -66,7 +66,14 @@ from pydantic import (
 )
 
 from nodes import _mqtt
-from nodes._codec import CONTENT_TYPE_JSON, CodecError, decode_compact, is_compact, iso_utc
+from nodes._codec import (
+    CONTENT_TYPE_JSON,
+    Batch,
+    CodecError,
+    decode_compact,
+    is_compact,
+    iso_utc,
+)
 from nodes._mqtt import DEVICE_ID, AllOf, MqttError, Tls, describe, render_topic
 from runner import (
     Ack,
@@ -597,10 +604,10 @@ class MqttIn(Source[MqttInConfig]):
                 raise Reject(f"compact: undecodable ({type(exc).__name__}: {exc})") from None
             _same_device(batch.device_id, device)
             out = []
-            for snap in batch.snapshots:
+            for snap, data in zip(batch.snapshots, _batch_data(device, batch), strict=True):
                 if snap.seq is not None and snap.seq < 0:
                     raise Reject(f"seq {snap.seq} is negative")
-                out.append((snap.ts, snap.seq, _data(device, snap.data)))
+                out.append((snap.ts, snap.seq, data))
             return out
         try:
             env = Envelope.model_validate_json(payload)
@@ -660,6 +667,30 @@ class MqttIn(Source[MqttInConfig]):
 def _same_device(claimed: str, device: str) -> None:
     if claimed != device:
         raise Reject(f"device_id {claimed!r} in the payload is not the topic's device {device!r}")
+
+
+def _batch_data(device: str, batch: Batch) -> list[dict[str, Scalar]]:
+    """`_data` of each snapshot of a compact batch, with what its columns settle checked
+    once a batch: the field names, and finiteness only in RAW columns (INT and FLOAT ones
+    decode to ints and finite floats). Per value, at 10,000 snapshots/s, this was 8 % of
+    the server's CPU. Anything amiss: `_data` of each, for its exact reason."""
+    names = batch.fields
+    snaps = batch.snapshots
+    if len(names) > MAX_FIELDS or not all(0 < len(k) <= 128 for k in names):
+        return [_data(device, s.data) for s in snaps]
+    raw = [k for k in batch.raw_fields if k != "device_id"]
+    isfinite = math.isfinite
+    out: list[dict[str, Scalar]] = []
+    for snap in snaps:
+        data = snap.data
+        if data.get("device_id", device) != device:
+            return [_data(device, s.data) for s in snaps]
+        for key in raw:
+            value = data.get(key)
+            if isinstance(value, float) and not isfinite(value):
+                return [_data(device, s.data) for s in snaps]
+        out.append({"device_id": device, **data})
+    return out
 
 
 def _data(device: str, data: Any) -> dict[str, Scalar]:
