@@ -23,7 +23,8 @@ Driving paho on the asyncio loop ourselves would mean re-writing aiomqtt's socke
 leaning on a few private names of a pinned aiomqtt (pyproject: >=2.3,<3) is smaller:
 its paho callbacks `_on_publish`, `_on_connect` (the session-present flag and the
 broker's Receive Maximum, which aiomqtt drops), `_on_disconnect`, `_on_message` and
-`_on_socket_close` (overridden, then called), `_on_socket_open` (replaced), its
+`_on_socket_close` (overridden, then called), `_on_socket_open` and
+`_on_socket_register_write` (replaced: the same, without a thread hop on the loop), its
 `_client` (the paho client), `_loop`, `_misc_loop` / `_misc_task` (paho's keep-alive
 timer) and `_disconnected` (the end of the connection). The integration tests exercise
 all of them against a real Mosquitto, so an aiomqtt upgrade that changes them fails
@@ -229,6 +230,27 @@ class Client(aiomqtt.Client):
 
         self._loop.call_soon_threadsafe(self._loop.add_reader, fd, self._read_ready)
         self._loop.call_soon_threadsafe(create_misc_task)
+
+    def _write_ready(self) -> None:
+        # aiomqtt's writer callback
+        try:
+            self._client.loop_write()
+        except Exception as exc:  # a broken connection, as aiomqtt handles it
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # aiomqtt always goes through call_soon_threadsafe, as paho may call this from the
+        # thread that connects; on the loop's own thread (every PUBLISH and PUBACK after
+        # that) it cost a self-pipe write and one more loop iteration a packet
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._loop.add_writer(sock.fileno(), self._write_ready)
+        else:
+            self._loop.call_soon_threadsafe(self._loop.add_writer, sock.fileno(), self._write_ready)
 
     async def _misc_loop(self) -> None:
         while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 - a timer
