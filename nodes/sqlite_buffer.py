@@ -7,12 +7,12 @@ import contextlib
 import sqlite3
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import msgpack  # type: ignore[import-untyped, unused-ignore]
@@ -22,6 +22,7 @@ from nodes._codec import PRESET_DICTIONARY
 from runner import Ack, Backoff, ConsumerConfig, Message, NodeContext, Processor, node
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_T = TypeVar("_T")
 _US = timedelta(microseconds=1)
 SCHEMA_VERSION = 1
 RETENTION_EVERY_S = 60.0
@@ -543,37 +544,16 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
             if not batch and not acked:
                 if not retention:
                     return
-                if not await self._expired(conn, set()):
+                if not await _in_thread(conn, self._expired, set()):
                     self._retention_at = loop.time() + RETENTION_EVERY_S
                     return  # nothing to write: no empty transaction on the card
+            seq_rows = self._seq_rows(batch)
             try:
-                await conn.execute("BEGIN IMMEDIATE")
-                delivered = 0
-                # deletions first: the new rows then take the space of the delivered ones,
-                # and a commit while the uplink keeps up changes one page instead of
-                # splitting it (measured: 2.7 instead of 6.9 KiB a snapshot at 3 a commit)
-                if acked:
-                    cur = await conn.executemany(
-                        "DELETE FROM rows WHERE id = ?", [(i,) for i in acked]
-                    )
-                    delivered = max(0, cur.rowcount)
-                if batch:
-                    await conn.executemany(
-                        INSERT, [(r.id, r.device, r.seq, r.ts_us, r.data) for r in batch]
-                    )
-                    await conn.executemany(UPSERT_SEQ, self._seq_rows(batch))
-                stored = self._stored + len(batch) - delivered
-                if retention:
-                    expired = await self._expired(conn, set(acked))
-                    stored -= await self._delete_upto(conn, expired)
-                if self.config.max_rows is not None and stored > self.config.max_rows:
-                    capped = await self._oldest(conn, stored - self.config.max_rows)
-                    stored -= await self._delete_upto(conn, capped)
-                await conn.execute("COMMIT")
+                stored, expired, capped = await _in_thread(
+                    conn, self._transaction, batch, seq_rows, acked, retention, self._stored
+                )
             except BaseException:
                 self._pending = batch + self._pending
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
                 raise
             self._last_commit = loop.time()
             if retention:
@@ -609,32 +589,72 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
             out.append((row_id, device, seq))
         return out
 
-    async def _oldest(self, conn: aiosqlite.Connection, n: int) -> list[tuple[int, str, int, int]]:
-        rows = await conn.execute_fetchall(SELECT_OLDEST, (n,))
+    def _transaction(
+        self,
+        db: sqlite3.Connection,
+        batch: list[_Row],
+        seq_rows: list[tuple[int, str, int]],
+        acked: list[int],
+        retention: bool,
+        stored: int,
+    ) -> tuple[int, list[tuple[int, str, int, int]], list[tuple[int, str, int, int]]]:
+        """The commit's transaction, run in the connection's thread as one call (it reads
+        only its arguments and the config): the acked rows out, the new rows in,
+        retention and the cap. Returns the rows stored after it (`stored` before), and
+        the rows retention and the cap deleted."""
+        expired: list[tuple[int, str, int, int]] = []
+        capped: list[tuple[int, str, int, int]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            delivered = 0
+            # deletions first: the new rows then take the space of the delivered ones,
+            # and a commit while the uplink keeps up changes one page instead of
+            # splitting it (measured: 2.7 instead of 6.9 KiB a snapshot at 3 a commit)
+            if acked:
+                cur = db.executemany("DELETE FROM rows WHERE id = ?", [(i,) for i in acked])
+                delivered = max(0, cur.rowcount)
+            if batch:
+                db.executemany(INSERT, [(r.id, r.device, r.seq, r.ts_us, r.data) for r in batch])
+                db.executemany(UPSERT_SEQ, seq_rows)
+            stored += len(batch) - delivered
+            if retention:
+                expired = self._expired(db, set(acked))
+                stored -= self._delete_upto(db, expired)
+            if self.config.max_rows is not None and stored > self.config.max_rows:
+                capped = self._oldest(db, stored - self.config.max_rows)
+                stored -= self._delete_upto(db, capped)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with contextlib.suppress(Exception):
+                    db.execute("ROLLBACK")
+            raise
+        return stored, expired, capped
+
+    @staticmethod
+    def _oldest(db: sqlite3.Connection, n: int) -> list[tuple[int, str, int, int]]:
+        rows = db.execute(SELECT_OLDEST, (n,)).fetchall()
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
-    async def _expired(
-        self, conn: aiosqlite.Connection, skip: set[int]
-    ) -> list[tuple[int, str, int, int]]:
+    def _expired(self, db: sqlite3.Connection, skip: set[int]) -> list[tuple[int, str, int, int]]:
         """The oldest rows (by arrival) up to the first one still within retain_days."""
         cutoff = (datetime.now(UTC) - timedelta(days=self.config.retain_days) - EPOCH) // _US
-        oldest = await self._oldest(conn, 1)
+        oldest = self._oldest(db, 1)
         if not oldest or oldest[0][3] >= cutoff:
             return []  # the usual answer, from one row instead of a chunk's pages
         out = []
-        for row in await self._oldest(conn, RETENTION_CHUNK):
+        for row in self._oldest(db, RETENTION_CHUNK):
             if row[3] >= cutoff:
                 break
             if row[0] not in skip:  # being deleted as delivered
                 out.append(row)
         return out
 
-    async def _delete_upto(
-        self, conn: aiosqlite.Connection, rows: list[tuple[int, str, int, int]]
-    ) -> int:
+    @staticmethod
+    def _delete_upto(db: sqlite3.Connection, rows: list[tuple[int, str, int, int]]) -> int:
         if not rows:
             return 0
-        cur = await conn.execute("DELETE FROM rows WHERE id > 0 AND id <= ?", (rows[-1][0],))
+        cur = db.execute("DELETE FROM rows WHERE id > 0 AND id <= ?", (rows[-1][0],))
         return max(0, cur.rowcount)
 
     def _drop(self, why: str, rows: list[tuple[int, str, int, int]]) -> None:
@@ -831,6 +851,20 @@ class SqliteBuffer(Processor[SqliteBufferConfig]):
         if task is not None:
             task.cancel()
             await asyncio.wait({task})
+
+
+async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., _T], *args: Any) -> _T:
+    """fn(sqlite3 connection, *args) in aiosqlite's thread, as one hand-off.
+
+    aiosqlite hands each statement to its thread and back (a thread wake-up, then a
+    self-pipe write and a loop wake-up): a commit of five statements cost five, at one
+    snapshot a second most of the buffer's CPU. aiosqlite has no public way to run a
+    function there; its private `_execute` (queue a call) and `_conn` (the sqlite3
+    connection) do it, and have since 0.17 (pyproject pins aiosqlite below 0.23; the
+    buffer's tests run every path through here)."""
+    db: sqlite3.Connection = conn._conn
+    execute: Callable[..., Awaitable[_T]] = conn._execute  # unannotated in aiosqlite
+    return await execute(fn, db, *args)
 
 
 async def _one(conn: aiosqlite.Connection, sql: str) -> tuple[Any, ...]:
