@@ -242,15 +242,15 @@ class Client(aiomqtt.Client):
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # aiomqtt always goes through call_soon_threadsafe, as paho may call this from the
         # thread that connects; on the loop's own thread (every PUBLISH and PUBACK after
-        # that) it cost a self-pipe write and one more loop iteration a packet
+        # that) the self-pipe write woke the loop once more a packet. Still deferred to the
+        # next iteration: packets queued meanwhile go out in one write (registering at once
+        # wrote each on its own, and a backlog drained slower)
         try:
             on_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:
             on_loop = False
-        if on_loop:
-            self._loop.add_writer(sock.fileno(), self._write_ready)
-        else:
-            self._loop.call_soon_threadsafe(self._loop.add_writer, sock.fileno(), self._write_ready)
+        call = self._loop.call_soon if on_loop else self._loop.call_soon_threadsafe
+        call(self._loop.add_writer, sock.fileno(), self._write_ready)
 
     async def _misc_loop(self) -> None:
         while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 - a timer

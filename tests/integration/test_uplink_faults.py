@@ -461,7 +461,7 @@ def ingest_flow(broker: Broker, client_id: str) -> Runtime:
     )
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 async def test_an_edge_killed_mid_drain_loses_nothing_and_duplicates_are_counted(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -504,7 +504,8 @@ async def test_an_edge_killed_mid_drain_loses_nothing_and_duplicates_are_counted
 
             second = start("edge-2", edge_file, {}, tmp_path)
             mark = stored_at_kill[device] + 3  # the backlog, then new snapshots
-            await until(lambda: contiguous(seqs()) >= mark, 60, f"seqs 1..{mark}", second)
+            # bounded, not timed: a stalled drain still fails; this machine needed 35-55 s
+            await until(lambda: contiguous(seqs()) >= mark, 100, f"seqs 1..{mark}", second)
             assert await asyncio.to_thread(second.terminate) == 0, second.tail()
         stored, left = buffer_state(db)
         n = stored[device]
