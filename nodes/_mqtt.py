@@ -216,9 +216,13 @@ class Client(aiomqtt.Client):
                 sock: Any = client._sock  # paho's socket, as aiomqtt reads it
                 if not (hasattr(sock, "pending") and sock.pending() > 0):
                     break
-        except Exception as exc:  # a broken connection, as aiomqtt handles it
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
+        except Exception as exc:
+            self._broke(exc)
+
+    def _broke(self, exc: Exception) -> None:
+        # a socket callback failed: the connection is broken, as aiomqtt handles it
+        if not self._disconnected.done():
+            self._disconnected.set_exception(exc)
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # aiomqtt's, with our reader: paho calls this from the thread that connects
@@ -235,9 +239,8 @@ class Client(aiomqtt.Client):
         # aiomqtt's writer callback
         try:
             self._client.loop_write()
-        except Exception as exc:  # a broken connection, as aiomqtt handles it
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
+        except Exception as exc:
+            self._broke(exc)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # aiomqtt always goes through call_soon_threadsafe, as paho may call this from the
