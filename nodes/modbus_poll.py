@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pymodbus.client import AsyncModbusTcpClient
@@ -164,8 +162,11 @@ class ModbusPoll(Source[ModbusPollConfig]):
         self.blocks: list[BlockState] = []
         self.cycles = 0
         self._client: AsyncModbusTcpClient | None = None
-        self._broken: asyncio.Event | None = None
-        self._broken_why = ""
+        # set once the current connection broke or garbled an answer (reset on connect)
+        self._broken_why: str | None = None
+        # the task waiting for an answer, and whether _fail cancelled it
+        self._reader: asyncio.Task[Any] | None = None
+        self._interrupted = False
         self._last_request = 0.0
         self._timeout_s = config.timeout_ms / 1000
         self._where = f"{config.host}:{config.port}"
@@ -288,7 +289,7 @@ class ModbusPoll(Source[ModbusPollConfig]):
 
     async def _connect(self) -> None:
         self._close()
-        self._broken = asyncio.Event()
+        self._broken_why = None
         client = AsyncModbusTcpClient(
             self.config.host,
             port=self.config.port,
@@ -323,14 +324,22 @@ class ModbusPoll(Source[ModbusPollConfig]):
             self._fail("connection closed by the device")
 
     def _fail(self, why: str) -> None:
-        if self._broken is not None and not self._broken.is_set():
-            self._broken_why = why
-            self._broken.set()
+        if self._broken_why is not None:
+            return
+        self._broken_why = why
+        # pymodbus keeps waiting for an answer on a closed or garbled connection until its
+        # timeout; the read waiting for it ends now instead. Cancelling the reading task
+        # costs nothing per request, unlike racing each read against a "broken" event.
+        reader = self._reader
+        if reader is not None and not self._interrupted:
+            self._interrupted = True
+            reader.cancel()
 
     async def _read(self, block: Block) -> ModbusPDU:
-        client, broken = self._client, self._broken
-        if client is None or broken is None or not client.connected:
-            raise DeviceError(f"connection to {self._where} lost before {block.label}")
+        client = self._client
+        if client is None or not client.connected or self._broken_why is not None:
+            why = self._broken_why or "connection lost"
+            raise DeviceError(f"{why} ({self._where}, before {block.label})")
         loop = asyncio.get_running_loop()
         wait = self._last_request + self.config.inter_request_delay_ms / 1000 - loop.time()
         if wait > 0:
@@ -338,47 +347,40 @@ class ModbusPoll(Source[ModbusPollConfig]):
         read = (
             client.read_input_registers if block.kind == "input" else client.read_holding_registers
         )
+        task = asyncio.current_task()
+        assert task is not None
+        self._reader, self._interrupted = task, False
         try:
-            answer = await self._unless_broken(
-                read(block.wire_start, count=block.count, device_id=self.config.unit_id),
-                broken,
-                block,
-            )
+            # pymodbus times the answer out itself; the margin only bounds a stuck call
+            async with asyncio.timeout(self._timeout_s + 1):
+                answer = await read(
+                    block.wire_start, count=block.count, device_id=self.config.unit_id
+                )
+        except asyncio.CancelledError:
+            # our own cancel (the connection broke) becomes a DeviceError; any other
+            # cancellation (the node stopping) goes on
+            if self._interrupted and task.uncancel() == 0:
+                raise DeviceError(
+                    f"{self._broken_why} ({self._where}, reading {block.label})"
+                ) from None
+            raise
+        except TimeoutError:
+            raise DeviceError(f"no answer from {self._where} to {block.label}") from None
+        except ModbusException as exc:
+            if "No response received" in str(exc):  # pymodbus' timeout, worded for retries
+                raise DeviceError(
+                    f"no answer from {self._where} to {block.label} "
+                    f"within {self.config.timeout_ms} ms"
+                ) from exc
+            raise DeviceError(f"reading {block.label} from {self._where} failed", exc) from exc
         finally:
+            self._reader = None
             self._last_request = loop.time()
+        if self._interrupted:  # the answer came, but so did the break: the cancel is ours
+            task.uncancel()
+            raise DeviceError(f"{self._broken_why} ({self._where}, reading {block.label})")
         if not answer.isError() and len(answer.registers) != block.count:
             raise DeviceError(
                 f"malformed answer to {block.label}: {len(answer.registers)} registers"
             )
         return answer
-
-    async def _unless_broken(
-        self, request: Awaitable[ModbusPDU], broken: asyncio.Event, block: Block
-    ) -> ModbusPDU:
-        """The answer, or a DeviceError as soon as the connection breaks or garbles."""
-        call = asyncio.ensure_future(request)
-        alarm = asyncio.ensure_future(broken.wait())
-        try:
-            # pymodbus times the answer out itself; the margin only bounds a stuck call
-            await asyncio.wait(
-                (call, alarm), timeout=self._timeout_s + 1, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            alarm.cancel()
-            if not call.done():
-                call.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ModbusException):
-                    await call
-        if call.done() and not call.cancelled():
-            try:
-                return call.result()
-            except ModbusException as exc:
-                if "No response received" in str(exc):  # pymodbus' timeout, worded for retries
-                    raise DeviceError(
-                        f"no answer from {self._where} to {block.label} "
-                        f"within {self.config.timeout_ms} ms"
-                    ) from exc
-                raise DeviceError(f"reading {block.label} from {self._where} failed", exc) from exc
-        if broken.is_set():
-            raise DeviceError(f"{self._broken_why} ({self._where}, reading {block.label})")
-        raise DeviceError(f"no answer from {self._where} to {block.label}")
