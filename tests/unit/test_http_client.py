@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+import nodes._http as http_module
 from nodes._homewizard import (
     BadPayload,
     ConnectionDropped,
@@ -549,3 +550,207 @@ async def test_a_header_that_cannot_be_sent_is_a_device_error_not_a_crash() -> N
             await client.request("GET", srv.url + "/", timeout_s=2, headers={"X": "a\r\nB: c"})
         assert (await client.request("GET", srv.url + "/", timeout_s=2)).status == 200
     assert len(srv.requests) == 1
+
+
+# framing, keep-alive and request building in detail ------------------------------------
+
+
+async def test_a_body_without_length_or_chunks_runs_until_the_close() -> None:
+    body = json.dumps({"values": list(range(3000))}).encode()
+
+    async def until_close(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if await srv.read(r) is not None:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+            for i in range(0, len(body), 5000):
+                w.write(body[i : i + 5000])
+                await w.drain()
+                await asyncio.sleep(0.005)
+
+    async with serve(until_close) as srv, HttpClient() as client:
+        for _ in range(2):
+            resp = await client.request("GET", srv.url + "/", timeout_s=2)
+            assert (resp.status, resp.body) == (200, body)
+    assert srv.accepted == 2
+
+
+async def test_a_chunked_body_cut_short_by_the_close_is_a_dropped_connection() -> None:
+    async def half(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[1, 2\r\n")
+        await w.drain()
+
+    async with serve(half) as srv, HttpClient() as client:
+        with pytest.raises(ConnectionDropped, match="received 5 bytes of a chunked body"):
+            await client.request("GET", srv.url + "/", timeout_s=2)
+
+
+@pytest.mark.parametrize(
+    ("status_line", "extra", "reused"),
+    [
+        ("HTTP/1.1 200 OK", "", True),
+        ("HTTP/1.1 200 OK", "Connection: close\r\n", False),
+        ("HTTP/1.0 200 OK", "", False),
+        ("HTTP/1.0 200 OK", "Connection: keep-alive\r\n", True),  # llhttp: 1.0 keep-alive
+    ],
+)
+async def test_a_connection_is_reused_only_if_the_answer_keeps_it_alive(
+    status_line: str, extra: str, reused: bool
+) -> None:
+    async def stays_open(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read(r) is not None:  # whatever its answer said
+            w.write(answer(extra=extra).replace(b"HTTP/1.1 200 OK", status_line.encode(), 1))
+            await w.drain()
+
+    async with serve(stays_open) as srv, HttpClient() as client:
+        for _ in range(2):
+            assert (await client.request("GET", srv.url + "/", timeout_s=2)).body == b'{"ok": true}'
+    assert srv.accepted == (1 if reused else 2)
+
+
+async def test_a_request_that_asks_for_close_does_not_reuse_the_connection() -> None:
+    async with serve(keep_alive) as srv, HttpClient() as client:
+        for _ in range(2):
+            await client.request("GET", srv.url + "/", timeout_s=2, headers={"Connection": "close"})
+    assert srv.accepted == 2
+    assert srv.requests[0][1]["connection"] == "close"
+
+
+async def test_the_answer_to_a_head_has_no_body_and_keeps_the_connection() -> None:
+    async def head(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read(r) is not None:
+            w.write(answer(b"x" * 1234)[:-1234])  # the length a GET would get, no body
+            await w.drain()
+
+    async with serve(head) as srv, HttpClient() as client:
+        for _ in range(2):
+            resp = await client.request("HEAD", srv.url + "/", timeout_s=2)
+            assert (resp.status, resp.body) == (200, b"")
+            assert (b"content-length", b"1234") in resp.headers
+    assert srv.accepted == 1
+
+
+async def test_an_answer_that_no_request_asked_for_is_not_taken_for_the_next() -> None:
+    async def twice(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read(r) is not None:
+            n = len(srv.requests)
+            w.write(answer(b'{"n": %d}' % n) + (answer(b'{"stale": 1}') if n == 1 else b""))
+            await w.drain()
+
+    async with serve(twice) as srv, HttpClient() as client:
+        assert (await client.request("GET", srv.url + "/", timeout_s=2)).body == b'{"n": 1}'
+        assert (await client.request("GET", srv.url + "/", timeout_s=2)).body == b'{"n": 2}'
+    assert srv.accepted == 2
+
+
+async def test_interim_answers_in_reads_of_their_own_leave_no_trace() -> None:
+    async def hints(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read(r) is not None:
+            for interim in (b"103 Early Hints\r\nLink: </a.css>", b"100 Continue"):
+                w.write(b"HTTP/1.1 " + interim + b"\r\n\r\n")
+                await w.drain()
+                await asyncio.sleep(0.01)
+            w.write(answer())
+            await w.drain()
+
+    async with serve(hints) as srv, HttpClient() as client:
+        for _ in range(2):
+            resp = await client.request("GET", srv.url + "/", timeout_s=2)
+            assert (resp.status, resp.body) == (200, b'{"ok": true}')
+            assert resp.headers == [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"12"),
+            ]
+    assert srv.accepted == 1
+
+
+async def test_answer_headers_are_lower_case_trimmed_and_without_the_trailer() -> None:
+    async def trailer(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read(r) is not None:
+            w.write(
+                b"HTTP/1.1 200 OK\r\nX-Mixed-Case:  v w \t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n"
+            )
+            await w.drain()
+
+    async with serve(trailer) as srv, HttpClient() as client:
+        resp = await client.request("GET", srv.url + "/", timeout_s=2)
+        assert resp.headers == [(b"x-mixed-case", b"v w"), (b"transfer-encoding", b"chunked")]
+        assert resp.body == b"{}"
+        assert (await client.request("GET", srv.url + "/", timeout_s=2)).body == b"{}"
+    assert srv.accepted == 1
+
+
+async def test_a_transfer_coding_other_than_chunked_is_refused() -> None:
+    async def gzipped(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00")
+        await w.drain()
+
+    async with serve(gzipped) as srv, HttpClient() as client:
+        with pytest.raises(DeviceError, match="not an HTTP answer: Transfer-Encoding b'gzip'"):
+            await client.request("GET", srv.url + "/", timeout_s=2)
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [
+        ("GET", {"X-Key": "secret\r\nX-Admin: 1"}),
+        ("GET", {"X-Key": "secret\nX-Admin: 1"}),
+        ("GET", {"X-Key": "secret\rX-Admin: 1"}),
+        ("GET", {"X-Key": "secret\x00"}),
+        ("GET", {"X-Key": "secret "}),  # as h11: no white space at either end
+        ("GET", {"X-Key\r\nX-Admin": "1"}),
+        ("GET", {"X Key": "1"}),
+        ("GET", {"X-Key:": "1"}),
+        ("GET", {"": "1"}),
+        ("GET / HTTP/1.1\r\nX-Admin: 1\r\n\r\nGET", {}),
+    ],
+)
+async def test_a_header_or_method_that_could_smuggle_in_another_is_refused(
+    method: str, headers: dict[str, str]
+) -> None:
+    async with serve(keep_alive) as srv, HttpClient() as client:
+        with pytest.raises(DeviceError, match=r"^cannot send the request: ") as caught:
+            await client.request(method, srv.url + "/", timeout_s=2, headers=headers)
+    assert "secret" not in str(caught.value)  # a header from the config may be a token
+    assert srv.accepted == 0
+
+
+async def test_a_repeated_request_is_built_once_and_sent_as_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    raw: list[bytes] = []
+
+    async def capture(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                raw.append(await r.readuntil(b"\r\n\r\n"))
+                w.write(answer())
+                await w.drain()
+
+    built: list[str] = []
+    prepare = http_module._prepare
+
+    def counting(
+        method: str, url: str, headers: dict[str, str] | None, body: bytes | None
+    ) -> http_module._Prepared:
+        built.append(url)
+        return prepare(method, url, headers, body)
+
+    monkeypatch.setattr(http_module, "_prepare", counting)
+    async with serve(capture) as srv, HttpClient() as client:
+        for key in ("a", "a", "b", "a"):  # a new dict each time, as the P1 client sends
+            headers = {"X-Key": key, "X-Empty": "", "X-Inner": "a  b\tc", "X-Utf8": "héllo"}
+            await client.request("GET", srv.url + "/api?x=1", timeout_s=2, headers=headers)
+        cached = {p.data for p in client._prepared.values()}
+        for i in range(http_module.PREPARED_MAX + 3):
+            await client.request("GET", f"{srv.url}/{i}", timeout_s=2)
+        assert len(client._prepared) <= http_module.PREPARED_MAX
+    assert len(built) == 2 + http_module.PREPARED_MAX + 3
+    assert raw[0] == raw[1] == raw[3] != raw[2]
+    assert cached == {raw[0], raw[2]}
+    assert raw[0] == (
+        b"GET /api?x=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: flowrun\r\n"
+        b"Accept: application/json, */*\r\nConnection: keep-alive\r\nX-Key: a\r\n"
+        b"X-Empty: \r\nX-Inner: a  b\tc\r\nX-Utf8: h\xc3\xa9llo\r\n\r\n" % srv.port
+    )
