@@ -274,6 +274,7 @@ async def test_downstream_ack_deletes_the_row_and_nack_sends_it_again(tmp_path: 
         assert (first.seq, first.ts, first.source) == (1, ts, "node")
         assert first.data == {"x": 0, "s": "v", "n": None, "f": 1.5}
         assert buf.depth == 3 and buf.in_flight == 3
+        assert buf.read_back == 0  # just committed: sent from memory
         ctx.emitted[0].settle_ack()
         ctx.emitted[2].settle_ack()
         ctx.emitted[1].settle_nack("broker gone")
@@ -281,6 +282,7 @@ async def test_downstream_ack_deletes_the_row_and_nack_sends_it_again(tmp_path: 
         await until(lambda: len(ctx.emitted) == 4, 2.0, "the nacked row again")
         again = ctx.emitted[3]
         assert (again.seq, again.data, again.ts) == (2, {**first.data, "x": 1}, ts)
+        assert buf.read_back >= 1  # the go-back reads the nacked row from the file
         assert buf.depth == 1
         again.settle_ack()
         await until(lambda: buf.depth == 0, 2.0, "the deletion")
@@ -290,6 +292,73 @@ async def test_downstream_ack_deletes_the_row_and_nack_sends_it_again(tmp_path: 
     finally:
         await buf.stop()
     assert rows(db) == []
+
+
+async def test_rows_just_committed_are_sent_from_memory_a_backlog_from_the_file(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "buf.sqlite"
+    cfg = {"inputs": ["src"], "path": str(db), "device_id": "d", "commit_interval_s": 0.02}
+    buf, ctx = build(SqliteBuffer, cfg)
+    await buf.start()
+    try:
+        for x in range(20):  # a steady trickle, each acked at once
+            await buf.process(message({"x": x}))
+            await until(lambda n=x + 1: len(ctx.emitted) == n, 2.0, f"row {x} sent")
+            ctx.emitted[-1].settle_ack()
+        assert [m.data["x"] for m in ctx.emitted] == list(range(20))
+        assert buf.read_back == 0
+        await until(lambda: buf.depth == 0, 2.0, "the deletions")
+    finally:
+        await buf.stop()
+    # the unacked rows of an earlier run are a backlog: read back from the file, in order
+    buf, ctx = build(SqliteBuffer, cfg)
+    await buf.start()
+    try:
+        for x in range(5):
+            await buf.process(message({"x": 100 + x}))
+        await until(lambda: len(ctx.emitted) == 5, 2.0, "five rows sent")
+        ctx.emitted.clear()
+    finally:
+        await buf.stop()
+    buf, ctx = build(SqliteBuffer, cfg)
+    await buf.start()
+    try:
+        await until(lambda: len(ctx.emitted) == 5, 2.0, "the backlog sent again")
+        assert [m.seq for m in ctx.emitted] == [21, 22, 23, 24, 25]
+        assert buf.read_back == 5
+        await buf.process(message({"x": 200}))
+        await until(lambda: len(ctx.emitted) == 6, 2.0, "the new row after the backlog")
+        assert ctx.emitted[-1].seq == 26 and ctx.emitted[-1].data == {"x": 200}
+    finally:
+        await buf.stop()
+
+
+async def test_a_message_just_before_a_due_commit_commits_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "buf.sqlite"
+    cfg = {"inputs": ["src"], "path": str(db), "device_id": "d", "commit_interval_s": 2.0}
+    buf, _ = build(SqliteBuffer, cfg)
+    await buf.start()
+    loop = asyncio.get_running_loop()
+    acked_at: dict[int, float] = {}
+
+    def acked(i: int, ok: bool, reason: str | None) -> None:
+        acked_at[i] = loop.time()
+
+    try:
+        await buf.process(message({"x": 1}, ack=Ack(functools.partial(acked, 1))))
+        await until(lambda: 1 in acked_at, 2.0, "the first commit")
+        await buf.process(message({"x": 2}, ack=Ack(functools.partial(acked, 2))))
+        await until(lambda: buf._commit_timed, 2.0, "the committer waiting for its due time")
+        due = buf._commit_due
+        await asyncio.sleep(due - 0.2 - loop.time())
+        await buf.process(message({"x": 3}, ack=Ack(functools.partial(acked, 3))))
+        await until(lambda: 3 in acked_at, 2.0, "the early commit")
+        # both held messages went in with the third's arrival, not at the due time
+        assert acked_at[2] <= acked_at[3] < due and acked_at[3] - acked_at[2] < 0.01
+        assert buf.commits == 2
+    finally:
+        await buf.stop()
 
 
 async def test_in_flight_window_is_respected_and_ingest_goes_on(tmp_path: Path) -> None:
