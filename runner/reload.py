@@ -1,9 +1,16 @@
-"""Hot reload: watchfiles raises events, one controller validates and applies them.
+"""Hot reload: inotify reports edits, one controller validates and applies them.
 
 The directory of each watched file is watched, not the file itself: editors save by
 writing a new file and renaming it over the old one, which a watch on the old inode would
-miss. Reloads are serialised by the runtime's lock; watchfiles' `step` gives the debounce
-(changes are yielded once the files have been quiet for that long).
+miss. A reload waits until the watched files have been quiet for `step_ms` (at most
+DEBOUNCE_S after the first change), so a save in several writes is read once. Reloads
+are serialised by the runtime's lock.
+
+asyncinotify, not watchfiles (DESIGN.md §7): watchfiles' Rust watcher polls its stop
+event every `step` in a thread of its own and comes back to Python every 5 s. On the edge
+that was 21 wake-ups a second, 0.22 % of a core and 1.1 MB of RSS, for a file that
+changes a few times a year. An inotify descriptor in the event loop costs nothing until an
+edit arrives. inotify is Linux's, as are flowrun's targets (a Pi, a VPS, a container).
 """
 
 from __future__ import annotations
@@ -14,11 +21,23 @@ import os
 import sys
 from collections.abc import Callable
 
-from watchfiles import Change, awatch
+from asyncinotify import Event, Inotify, Mask
 
 from runner.engine import ReloadReport, Runtime
 from runner.errors import FlowInvalid
 from runner.loader import FlowSpec, load_file
+
+# what an edit looks like: written in place, renamed over, created, deleted, chmod'ed
+WATCH_MASK = (
+    Mask.MODIFY
+    | Mask.CLOSE_WRITE
+    | Mask.MOVED_TO
+    | Mask.MOVED_FROM
+    | Mask.CREATE
+    | Mask.DELETE
+    | Mask.ATTRIB
+)
+DEBOUNCE_S = 1.6  # a file written without pause for longer is read anyway
 
 log = logging.getLogger("flowrun.reload")
 
@@ -59,22 +78,34 @@ class ReloadController:
         return await self.runtime.apply(spec)
 
     async def run(self) -> None:
-        stop = asyncio.Event()
         while True:
             files = self.watched()
             dirs = sorted({os.path.dirname(p) for p in files})
+            with Inotify() as inotify:
+                for d in dirs:
+                    inotify.add_watch(d, WATCH_MASK)
+                self.ready.set()
+                while True:
+                    await self._edited(inotify, files)
+                    report = await self.reload()
+                    if self.on_reload is not None:
+                        self.on_reload(report)
+                    if self.watched() != files:
+                        break  # the set of files changed (a new profile): watch the new set
 
-            def wanted(change: Change, path: str, files: set[str] = files) -> bool:
-                return os.path.abspath(path) in files
-
-            self.ready.set()
-            async for _changes in awatch(
-                *dirs, watch_filter=wanted, step=self.step_ms, stop_event=stop, debounce=1600
-            ):
-                report = await self.reload()
-                if self.on_reload is not None:
-                    self.on_reload(report)
-                if self.watched() != files:
-                    break  # the set of files changed (a new profile): watch the new set
-            else:
+    async def _edited(self, inotify: Inotify, files: set[str]) -> None:
+        """Return once a watched file changed and the directories then stayed quiet."""
+        while not _touches(await inotify.get(), files):
+            pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEBOUNCE_S
+        while (left := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(min(self.step_ms / 1000, left)):
+                    await inotify.get()
+            except TimeoutError:
                 return
+
+
+def _touches(event: Event, files: set[str]) -> bool:
+    return event.path is not None and os.path.abspath(event.path) in files

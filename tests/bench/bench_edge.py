@@ -1,9 +1,10 @@
-"""The edge as deployed: flows/edge.yaml polling the simulators for EDGE_S (120 s; the
-environment's FLOWRUN_BENCH_EDGE_S shortens it), P1 every second over HTTP (API v1) and
-the Sungrow inverter every 5 s over Modbus TCP, every snapshot stored in its sqlite_buffer
-and sent by mqtt_out (MQTT 5, TLS with the device's client certificate, json) to a real
-Mosquitto started here (tests/services/mosquitto.Broker: the shipped configuration and
-ACL). The buffer's file is on a disk (/var/tmp), as on the Pi's SD card.
+"""The edge as deployed: flows/edge.yaml, hot reload on as in the systemd unit, polling
+the simulators for EDGE_S (120 s; the environment's FLOWRUN_BENCH_EDGE_S shortens it), P1
+every second over HTTP (API v1) and the Sungrow inverter every 5 s over Modbus TCP, every
+snapshot stored in its sqlite_buffer and sent by mqtt_out (MQTT 5, TLS with the device's
+client certificate, json) to a real Mosquitto started here (tests/services/mosquitto.Broker:
+the shipped configuration and ACL). The buffer's file is on a disk (/var/tmp), as on the
+Pi's SD card.
 
 The simulators (flows/examples/simulators.yaml) run in a flowrun process of their own, so
 only the edge process is measured: its largest RSS (sampled every 0.25 s), target
@@ -140,7 +141,8 @@ def measure() -> tuple[float | None, Details]:
             for port in (p1_port, inverter_port):
                 wait_listening(port)
             out_path, err_path = d / "edge.out", d / "edge.err"
-            args = [*flowrun_cmd(), "run", EDGE_FLOW, "--no-reload"]
+            # as deployed (deploy/systemd/flowrun-edge.service): hot reload on
+            args = [*flowrun_cmd(), "run", EDGE_FLOW]
             args += ["--for", str(EDGE_S + 30)]
             if PROFILE:
                 args = [
