@@ -349,6 +349,7 @@ class ModbusPoll(Source[ModbusPollConfig]):
         )
         task = asyncio.current_task()
         assert task is not None
+        cancels = task.cancelling()
         self._reader, self._interrupted = task, False
         try:
             # pymodbus times the answer out itself; the margin only bounds a stuck call
@@ -378,6 +379,12 @@ class ModbusPoll(Source[ModbusPollConfig]):
             self._last_request = loop.time()
         if self._interrupted:  # the answer came, but so did the break: the cancel is ours
             task.uncancel()
+        if task.cancelling() > cancels:
+            # pymodbus waits for the answer with asyncio.wait_for, which on Python 3.11
+            # returns an answer that came with a cancellation and drops the cancellation:
+            # the node is stopping, and must not poll on
+            raise asyncio.CancelledError
+        if self._interrupted:
             raise DeviceError(f"{self._broken_why} ({self._where}, reading {block.label})")
         if not answer.isError() and len(answer.registers) != block.count:
             raise DeviceError(

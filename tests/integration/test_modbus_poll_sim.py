@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -358,3 +359,18 @@ async def test_an_edited_profile_restarts_the_node_with_the_new_table(tmp_path: 
         assert "battery_temp_c" not in collected()[-1].data
         rt.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_the_node_stops_at_once_whenever_it_is_stopped() -> None:
+    # a stop that lands as an answer arrives: pymodbus' asyncio.wait_for (Python 3.11)
+    # returns the answer and drops the cancellation; the node must stop all the same
+    flow = FLOW.replace("inter_request_delay_ms: 1", "inter_request_delay_ms: 0")
+    rng = random.Random(7)
+    async with sim_running(model="SH10RT") as sim:
+        for _ in range(80):
+            rt = Runtime(load_text(flow.format(port=sim.port or 0), "t.yaml", env={}))
+            task = asyncio.create_task(rt.run())
+            await rt.started.wait()
+            await asyncio.sleep(rng.uniform(0.02, 0.08))
+            rt.request_stop()
+            await asyncio.wait_for(task, 5)
