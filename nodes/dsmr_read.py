@@ -151,7 +151,10 @@ class DsmrRead(Source[DsmrReadConfig]):
         deadline = loop.time() + keep_alive
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(READ_BYTES), deadline - loop.time())
+                # not asyncio.wait_for: on Python 3.11 it returns data that came with a
+                # cancellation and drops the cancellation, and the node would not stop
+                async with asyncio.timeout(deadline - loop.time()):
+                    data = await reader.read(READ_BYTES)
             except TimeoutError:
                 raise KeepAliveExpired(f"silent for {keep_alive:g} s") from None
             if not data:
