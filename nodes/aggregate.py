@@ -514,8 +514,11 @@ class Aggregate(Processor[AggregateConfig]):
             waits = [r.due for r in self._outs.values() if r.due is not None]
             self._retry_wake.clear()
             timeout = max(0.0, min(waits) - time.monotonic()) if waits else None
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
+            # that comes as the event is set, and the loop would not stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._retry_wake.wait()
 
     async def _idle_loop(self) -> None:
         idle = self.config.idle_emit_s

@@ -969,9 +969,10 @@ class HttpApi(Sink[HttpApiConfig]):
                     client.wake.set()
                     continue
                 client.full_since = None
-                await asyncio.wait_for(
-                    client.ws.send_str(dev.body(time.time())), cfg.ws_slow_drop_s
-                )
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
+                # cancellation that comes as the send completes, and the loop goes on
+                async with asyncio.timeout(cfg.ws_slow_drop_s):
+                    await client.ws.send_str(dev.body(time.time()))
                 last_sent = loop.time()
                 shown = dev.epoch
                 client.sent += 1

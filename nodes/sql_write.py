@@ -306,8 +306,11 @@ class SqlWrite(Sink[SqlWriteConfig]):
 
     async def _write_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
+            # that comes as the event is set, and the loop would not stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.flush_interval_s)
+                async with asyncio.timeout(self.config.flush_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 await self._write_some()

@@ -380,3 +380,23 @@ async def test_behind_aggregate_in_the_runner(url: str) -> None:
         rows = await table_rows(url, table)
         assert rows and sum(r["samples"] for r in rows) == 30, table
         assert all(r["device_id"] == "dev-1" for r in rows)
+
+
+async def test_a_stop_in_the_loop_iteration_that_wakes_the_writer_still_stops_it(
+    tmp_path: Path,
+) -> None:
+    # with asyncio.wait_for around the wake-up wait, Python 3.11 returned the wake-up and
+    # dropped the cancellation: the writer went on and stop() waited for it forever
+    url = f"sqlite+aiosqlite:///{tmp_path}/store.sqlite"
+    node, _ = build(SqlWrite, {"inputs": ["x"], "url": url}, node_id="sql")
+    await node.start()
+    try:
+        await asyncio.sleep(0.05)  # the writer waits for a wake-up
+        writer = node._writer
+        assert writer is not None
+        node._wake.set()
+        writer.cancel()
+        done, _ = await asyncio.wait({writer}, timeout=2)
+        assert done and writer.cancelled()
+    finally:
+        await node.stop()
