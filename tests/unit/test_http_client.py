@@ -107,10 +107,29 @@ def answer(body: bytes = b'{"ok": true}', *, status: str = "200 OK", extra: str 
     ).encode() + body
 
 
-async def keep_alive(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    while await srv.read(r) is not None:
-        w.write(answer())
+def replies(raw: bytes) -> Handler:
+    """A server that answers each request on a connection with `raw`."""
+
+    async def handler(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while await srv.read(r) is not None:
+            w.write(raw)
+            await w.drain()
+
+    return handler
+
+
+def replies_once(raw: bytes) -> Handler:
+    """A server that answers the first request with `raw`, then closes the connection."""
+
+    async def handler(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await srv.read(r)
+        w.write(raw)
         await w.drain()
+
+    return handler
+
+
+keep_alive = replies(answer())
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_the_usual_headers() -> None:
@@ -310,10 +329,7 @@ async def test_a_refused_port_is_unreachable() -> None:
 
 
 async def test_a_connection_dropped_mid_body() -> None:
-    async def half(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await srv.read(r)
-        w.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"active_power_w": ')
-        await w.drain()
+    half = replies_once(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"active_power_w": ')
 
     async with serve(half) as srv, HttpClient() as client:
         with pytest.raises(ConnectionDropped, match=r"connection dropped: .*received 19 bytes"):
@@ -574,10 +590,7 @@ async def test_a_body_without_length_or_chunks_runs_until_the_close() -> None:
 
 
 async def test_a_chunked_body_cut_short_by_the_close_is_a_dropped_connection() -> None:
-    async def half(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await srv.read(r)
-        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[1, 2\r\n")
-        await w.drain()
+    half = replies_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[1, 2\r\n")
 
     async with serve(half) as srv, HttpClient() as client:
         with pytest.raises(ConnectionDropped, match="received 5 bytes of a chunked body"):
@@ -596,10 +609,8 @@ async def test_a_chunked_body_cut_short_by_the_close_is_a_dropped_connection() -
 async def test_a_connection_is_reused_only_if_the_answer_keeps_it_alive(
     status_line: str, extra: str, reused: bool
 ) -> None:
-    async def stays_open(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while await srv.read(r) is not None:  # whatever its answer said
-            w.write(answer(extra=extra).replace(b"HTTP/1.1 200 OK", status_line.encode(), 1))
-            await w.drain()
+    # the server keeps the connection open, whatever its answer says
+    stays_open = replies(answer(extra=extra).replace(b"HTTP/1.1 200 OK", status_line.encode(), 1))
 
     async with serve(stays_open) as srv, HttpClient() as client:
         for _ in range(2):
@@ -616,10 +627,7 @@ async def test_a_request_that_asks_for_close_does_not_reuse_the_connection() -> 
 
 
 async def test_the_answer_to_a_head_has_no_body_and_keeps_the_connection() -> None:
-    async def head(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while await srv.read(r) is not None:
-            w.write(answer(b"x" * 1234)[:-1234])  # the length a GET would get, no body
-            await w.drain()
+    head = replies(answer(b"x" * 1234)[:-1234])  # the length a GET would get, no body
 
     async with serve(head) as srv, HttpClient() as client:
         for _ in range(2):
@@ -681,10 +689,7 @@ async def test_answer_headers_are_lower_case_trimmed_and_without_the_trailer() -
 
 
 async def test_a_transfer_coding_other_than_chunked_is_refused() -> None:
-    async def gzipped(srv: Server, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await srv.read(r)
-        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00")
-        await w.drain()
+    gzipped = replies_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00")
 
     async with serve(gzipped) as srv, HttpClient() as client:
         with pytest.raises(DeviceError, match="not an HTTP answer: Transfer-Encoding b'gzip'"):
