@@ -33,7 +33,6 @@ go RAW as msgpack float64), strings, bools, nulls, missing keys, `ts` to the mic
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
+import orjson
 
 from runner import Scalar
 
@@ -86,9 +86,9 @@ class Batch:
 
 def iso_utc(ts: datetime) -> str:
     """ISO 8601 in UTC with a Z; microseconds always written, so the width is fixed."""
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if ts.tzinfo is not UTC:
+        ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return ts.isoformat(timespec="microseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 def _micros(ts: datetime) -> int:
@@ -105,16 +105,34 @@ def _from_micros(us: int) -> datetime:
 
 
 def encode_json(device_id: str, snap: Snapshot) -> bytes:
+    """Compact JSON, UTF-8. orjson: 2 us a snapshot where json.dumps took 34 (float
+    formatting), most of a backlog drain's time after the MQTT client's own."""
+    data = snap.data if type(snap.data) is dict else dict(snap.data)
     obj: dict[str, Any] = {"device_id": device_id}
     if snap.seq is not None:
         obj["seq"] = snap.seq
     obj["ts"] = iso_utc(snap.ts)
-    obj["data"] = dict(snap.data)
-    # allow_nan=False: NaN is not JSON and the server would refuse it anyway
+    obj["data"] = data
     try:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-    except ValueError as exc:
+        payload = orjson.dumps(obj)
+    except TypeError as exc:  # orjson.JSONEncodeError: a type it cannot write, a huge int
         raise CodecError(f"not encodable as JSON: {exc}") from None
+    # NaN is not JSON (the server would refuse it) but orjson writes it, and infinities, as
+    # null. A None in data writes one null too: as many nulls as Nones means no NaN,
+    # counted in C; more (a NaN, a nested None, "null" in a string) means a closer look.
+    if payload.count(b"null") != [*data.values()].count(None) and _non_finite(data):
+        raise CodecError("not encodable as JSON: NaN or an infinity (not JSON compliant)")
+    return payload
+
+
+def _non_finite(value: object) -> bool:
+    if type(value) is float:
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_non_finite(v) for v in value)
+    return False
 
 
 # compact: encoding ------------------------------------------------------------------------

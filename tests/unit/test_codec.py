@@ -9,7 +9,7 @@ import math
 import random
 import struct
 import zlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -298,6 +298,67 @@ def test_json_carries_seq_and_the_time_to_the_microsecond() -> None:
     assert "seq" not in json.loads(encode_json("home-01", Snapshot(T0, None, {})))
     with pytest.raises(CodecError, match="JSON"):
         encode_json("home-01", Snapshot(T0, 1, {"x": math.nan}))
+
+
+def reference_json(device_id: str, snap: Snapshot) -> Any:
+    """What encode_json wrote with the standard library, decoded: the server's view."""
+    obj: dict[str, Any] = {"device_id": device_id}
+    if snap.seq is not None:
+        obj["seq"] = snap.seq
+    obj["ts"] = snap.ts.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    obj["data"] = dict(snap.data)
+    return json.loads(json.dumps(obj, allow_nan=False))
+
+
+def test_json_is_what_the_standard_library_wrote_over_many_random_snapshots() -> None:
+    # orjson formats floats its own way ("1e-7", not "1e-07"): the values, types and key
+    # order a receiver decodes must be the same, and non-finite floats refused as before
+    rnd = random.Random(20261202)
+    refused = 0
+    for _ in range(300):
+        for snap in random_batch(rnd)[:5]:
+            if rnd.random() < 0.2:  # nulls and "null" in strings beside the floats
+                snap.data["s"] = rnd.choice(["null", "nullnull", None, "é"])
+            try:
+                want = reference_json("home-01", snap)
+            except ValueError:  # NaN or an infinity
+                refused += 1
+                with pytest.raises(CodecError, match="not JSON compliant"):
+                    encode_json("home-01", snap)
+                continue
+            got = json.loads(encode_json("home-01", snap))
+            assert list(got) == list(want) and list(got["data"]) == list(want["data"])
+            assert got["ts"] == want["ts"] and got.get("seq") == want.get("seq")
+            for key, value in want["data"].items():
+                assert same(got["data"][key], value), (key, got["data"][key], value)
+    assert refused > 50  # the refusals were exercised
+
+
+def test_json_refuses_a_nan_hidden_among_nulls_and_in_nested_values() -> None:
+    for data in (
+        {"a": None, "b": "null", "c": math.inf},
+        {"a": [1.0, None, -math.inf]},
+        {"a": {"b": math.nan}, "c": None},
+    ):
+        with pytest.raises(CodecError, match="not JSON compliant"):
+            encode_json("home-01", Snapshot(T0, 1, data))
+    ok = Snapshot(T0, 1, {"a": None, "b": "null", "c": [None, 1.5], "d": {"e": None}})
+    assert json.loads(encode_json("home-01", ok))["data"] == ok.data
+
+
+def test_json_names_what_it_cannot_encode() -> None:
+    with pytest.raises(CodecError, match="not encodable as JSON"):
+        encode_json("home-01", Snapshot(T0, 1, {"x": 2**64}))
+    with pytest.raises(CodecError, match="not encodable as JSON"):
+        encode_json("home-01", Snapshot(T0, 1, {"x": object()}))
+    # a naive time is taken as UTC; another zone is converted
+    naive = encode_json("d", Snapshot(T0.replace(tzinfo=None), 1, {}))
+    brussels = T0.astimezone(timezone(timedelta(hours=2)))
+    assert (
+        json.loads(naive)["ts"]
+        == json.loads(encode_json("d", Snapshot(brussels, 1, {})))["ts"]
+        == "2026-06-15T10:30:00.250000Z"
+    )
 
 
 @given(
