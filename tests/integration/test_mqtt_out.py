@@ -411,3 +411,56 @@ async def test_splits_publish_field_subsets_and_ack_when_all_are_delivered(broke
     assert [p["seq"] for p in solar] == list(range(5))
     assert sub.messages("energy/home-01/realtime") == []
     assert dict(OUTCOMES) == {i: [(True, None)] for i in range(5)}
+
+
+async def test_data_and_status_stay_within_the_brokers_receive_maximum(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """paho holds nothing back (its window rescanned every PUBLISH in flight on each
+    PUBACK); ours does: with the broker's Receive Maximum at 5 and the broker stalled,
+    4 data PUBLISHes and 1 status are in flight, never more, and the statuses due
+    meanwhile are skipped. The broker keeps the connection: nothing exceeded its limit."""
+    broker = Broker(tmp_path_factory.mktemp("mosquitto-rm5"))
+    conf = broker.conf.read_text()
+    assert conf.count("max_inflight_messages 100") == 1
+    broker.conf.write_text(conf.replace("max_inflight_messages 100", "max_inflight_messages 5"))
+    broker.start()
+    sub = server(broker, "energy/home-01/realtime")
+    GATE["go"] = asyncio.Event()
+    rt = Runtime(
+        flow(
+            "flow: edge\nnodes:\n"
+            "  src: {type: t_resend, count: 40, gate: true}\n"
+            "  up: {type: mqtt_out, inputs: [src], status_interval_s: 0.1, "
+            f"{uplink(broker)[1:-1]}}}\n"
+        )
+    )
+    task = asyncio.create_task(run_until_done(rt, 20))
+    try:
+        await rt.started.wait()
+        up = out_node(rt)
+        await wait_until(lambda: up.connected and not up._status_pending)
+        client = up._client
+        assert client is not None and client.receive_maximum == 5
+        broker.pause()
+        GATE["go"].set()
+        await wait_until(lambda: up.in_flight == 4)
+        skipped = up.status_skipped
+        await asyncio.sleep(0.5)  # five statuses due: one goes out, the rest wait
+        paho: Any = client._client
+        assert up.in_flight == 4 and up._status_pending
+        assert len(paho._out_messages) == 5
+        assert up.status_skipped >= skipped + 3
+        broker.resume()
+        await asyncio.wait_for(task, 15)
+    finally:
+        broker.resume()  # harmless on a running broker
+        broker.stop()
+    assert up.connects == 1 and up.delivered == 40
+    assert all(o == [(True, None)] for o in OUTCOMES.values()) and len(OUTCOMES) == 40
+    await asyncio.to_thread(
+        lambda: sub.wait_for(
+            lambda s: len({json.loads(m.payload)["seq"] for m in s.messages()}) == 40
+        )
+    )
+    sub.close()
