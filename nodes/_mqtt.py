@@ -43,12 +43,13 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 import paho.mqtt.client as mqtt
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -147,6 +148,9 @@ class Client(aiomqtt.Client):
             logger=log,
         )
         self._client.manual_ack_set(manual_ack)
+        # paho's own PUBACK handler, kept for what the fast one leaves to it
+        self._paho_pubackcomp = self._client._handle_pubackcomp
+        self._client._handle_pubackcomp = self._handle_pubackcomp  # type: ignore[method-assign]
         self._pubacks: dict[int, PubackCallback] = {}
         self.session_present = False
         self.receive_maximum = 65535
@@ -258,6 +262,26 @@ class Client(aiomqtt.Client):
     async def _misc_loop(self) -> None:
         while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 - a timer
             await asyncio.sleep(self._misc_every_s)
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """paho's PUBACK handler without its allocations: paho builds a ReasonCode and a
+        Properties object (each copies a table of ~40 names) for every PUBACK, a quarter
+        of a backlog drain's CPU. A PUBACK without properties (Mosquitto's) with a reason
+        code valid for PUBACK gets shared, read-only ones; anything else goes to paho."""
+        paho = self._client
+        packet = paho._in_packet["packet"]
+        if cmd != "PUBACK" or not 2 <= len(packet) <= 3 or paho._protocol != mqtt.MQTTv5:
+            return self._paho_pubackcomp(cmd)
+        reason = _PUBACK_REASONS.get(packet[2] if len(packet) == 3 else 0)
+        if reason is None:  # not a PUBACK reason code: paho's MalformedPacket
+            return self._paho_pubackcomp(cmd)
+        mid = int.from_bytes(packet[:2], "big")
+        if log.isEnabledFor(logging.DEBUG):
+            paho._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
+        with paho._out_message_mutex:
+            if mid in paho._out_messages:
+                return paho._do_on_publish(mid, reason, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._read_fd = None
@@ -374,6 +398,19 @@ class _Packed(Properties):
             packed = super().pack()  # type: ignore[no-untyped-call]
             self.__dict__["_packed"] = packed  # Properties.__setattr__ takes property names only
         return packed
+
+
+def _puback_reasons() -> dict[int, ReasonCode]:
+    out = {}
+    for code, names in ReasonCode.names.items():
+        if any(PacketTypes.PUBACK in types for types in names.values()):
+            out[code] = ReasonCode(PacketTypes.PUBACK, identifier=code)
+    return out
+
+
+# shared by every PUBACK the fast path handles: the callbacks only read them
+_PUBACK_REASONS = _puback_reasons()
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 @functools.cache
