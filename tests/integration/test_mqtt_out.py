@@ -132,6 +132,22 @@ def out_node(rt: Runtime, node_id: str = "up") -> MqttOut:
     return inst
 
 
+def gated(
+    broker: Broker, count: int, src: str = "", up: str = "", timeout_s: float = 20.0
+) -> tuple[Runtime, asyncio.Task[None]]:
+    """A running flow: a t_resend source of `count`, held until GATE["go"] is set, into an
+    mqtt_out to `broker`; `src` and `up` add options (", key: value") to either node."""
+    GATE["go"] = asyncio.Event()
+    rt = Runtime(
+        flow(
+            "flow: edge\nnodes:\n"
+            f"  src: {{type: t_resend, count: {count}, gate: true{src}}}\n"
+            f"  up: {{type: mqtt_out, inputs: [src]{up}, {uplink(broker)[1:-1]}}}\n"
+        )
+    )
+    return rt, asyncio.create_task(run_until_done(rt, timeout_s))
+
+
 def payloads(sub: TestClient, topic: str) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in sub.messages(topic)]
 
@@ -141,15 +157,7 @@ def payloads(sub: TestClient, topic: str) -> list[dict[str, Any]]:
 
 async def test_every_message_arrives_and_is_acked_only_after_its_puback(broker: Broker) -> None:
     sub = server(broker, "energy/home-01/realtime")
-    GATE["go"] = asyncio.Event()
-    rt = Runtime(
-        flow(
-            "flow: edge\nnodes:\n"
-            "  src: {type: t_resend, count: 20, gate: true}\n"
-            f"  up: {{type: mqtt_out, inputs: [src], {uplink(broker)[1:-1]}}}\n"
-        )
-    )
-    task = asyncio.create_task(run_until_done(rt))
+    rt, task = gated(broker, 20)
     try:
         await rt.started.wait()
         up = out_node(rt)
@@ -245,15 +253,9 @@ async def test_broker_outage_nacks_in_flight_and_everything_arrives(broker: Brok
     broker.stop()
     broker.start()
     await asyncio.to_thread(sub.connected.wait, 5)
-    GATE["go"] = asyncio.Event()
-    rt = Runtime(
-        flow(
-            "flow: edge\nnodes:\n"
-            "  src: {type: t_resend, count: 60, gate: true, resend_after_s: 0.2}\n"
-            f"  up: {{type: mqtt_out, inputs: [src], max_in_flight: 25, {uplink(broker)[1:-1]}}}\n"
-        )
+    rt, task = gated(
+        broker, 60, src=", resend_after_s: 0.2", up=", max_in_flight: 25", timeout_s=15
     )
-    task = asyncio.create_task(run_until_done(rt, 15))
     try:
         await rt.started.wait()
         up = out_node(rt)
@@ -426,16 +428,7 @@ async def test_data_and_status_stay_within_the_brokers_receive_maximum(
     broker.conf.write_text(conf.replace("max_inflight_messages 100", "max_inflight_messages 5"))
     broker.start()
     sub = server(broker, "energy/home-01/realtime")
-    GATE["go"] = asyncio.Event()
-    rt = Runtime(
-        flow(
-            "flow: edge\nnodes:\n"
-            "  src: {type: t_resend, count: 40, gate: true}\n"
-            "  up: {type: mqtt_out, inputs: [src], status_interval_s: 0.1, "
-            f"{uplink(broker)[1:-1]}}}\n"
-        )
-    )
-    task = asyncio.create_task(run_until_done(rt, 20))
+    rt, task = gated(broker, 40, up=", status_interval_s: 0.1")
     try:
         await rt.started.wait()
         up = out_node(rt)
