@@ -36,9 +36,9 @@ import itertools
 import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 import orjson
@@ -75,10 +75,11 @@ class Snapshot:
 class Batch:
     device_id: str
     snapshots: list[Snapshot]
-    # the names of the batch's columns, and of those coded RAW: only these may hold other
-    # values than ints, finite floats and None (a receiver checks what it must once)
+    # the names of the batch's columns, and the decoded values of those coded RAW (one a
+    # snapshot, absent ones included): only these may hold other values than ints, finite
+    # floats and None, so a receiver checks what it must once a column
     fields: frozenset[str] = frozenset()
-    raw_fields: frozenset[str] = frozenset()
+    raw_columns: Mapping[str, list[Scalar]] = field(default_factory=dict)
 
 
 # time -----------------------------------------------------------------------------------
@@ -148,12 +149,7 @@ def _deltas(values: list[int], order: int) -> list[int]:
 def _undeltas(values: list[int], order: int) -> list[int]:
     out = values
     for _ in range(order):
-        acc: list[int] = []
-        total = 0
-        for i, v in enumerate(out):
-            total = v if i == 0 else total + v
-            acc.append(total)
-        out = acc
+        out = list(itertools.accumulate(out))
     return out
 
 
@@ -332,43 +328,63 @@ def _expect(cond: bool, what: str) -> None:
         raise CodecError(f"compact: {what}")
 
 
+# The per-column checks below test first and only then format their message: an f-string
+# argument is built on every call, and these run for every column of every batch.
+
+
+def _bad(what: str) -> NoReturn:
+    raise CodecError(f"compact: {what}")
+
+
 def _ints(body: Any, n: int, what: str) -> tuple[list[int | None], list[Any]]:
-    _expect(isinstance(body, list) and len(body) >= 3, f"{what}: bad column")
+    if not (isinstance(body, list) and len(body) >= 3):
+        _bad(f"{what}: bad column")
     order, nones, coded = body[0], body[1], body[2]
-    _expect(order in (0, 1, 2), f"{what}: bad delta order")
-    _expect(isinstance(nones, list) and isinstance(coded, list), f"{what}: bad column")
-    _expect(len(nones) + len(coded) == n, f"{what}: {len(nones) + len(coded)} values, not {n}")
-    _expect(all(type(v) is int for v in coded), f"{what}: not integers")
+    if order not in (0, 1, 2):
+        _bad(f"{what}: bad delta order")
+    if not (isinstance(nones, list) and isinstance(coded, list)):
+        _bad(f"{what}: bad column")
+    if len(nones) + len(coded) != n:
+        _bad(f"{what}: {len(nones) + len(coded)} values, not {n}")
+    # type() in C, then a count: bool is not int here (True is no integer reading)
+    if [*map(type, coded)].count(int) != len(coded):
+        _bad(f"{what}: not integers")
+    values: list[int | None] = _undeltas(coded, order)  # type: ignore[assignment]
+    if not nones:
+        return values, body[3:]
     null = set(nones)
-    _expect(
-        len(null) == len(nones) and all(type(i) is int and 0 <= i < n for i in null),
-        f"{what}: bad null indices",
-    )
-    it = iter(_undeltas(coded, order))
+    if not (len(null) == len(nones) and all(type(i) is int and 0 <= i < n for i in null)):
+        _bad(f"{what}: bad null indices")
+    it = iter(values)
     return [None if i in null else next(it) for i in range(n)], body[3:]
 
 
 def _decode_column(kind: Any, body: Any, n: int, name: str) -> list[Scalar]:
     if kind == INT:
         values, _ = _ints(body, n, name)
-        return list(values)
+        return values  # type: ignore[return-value]  # ints and None
     if kind == FLOAT:
         ints, rest = _ints(body, n, name)
-        _expect(len(rest) == 1 and type(rest[0]) is int, f"{name}: bad scale")
-        scale = rest[0]
-        _expect(0 <= scale <= MAX_SCALE, f"{name}: bad scale")
-        div = _POW10[scale]  # what _float_of does, without a call a value
-        return [None if m is None else m / div for m in ints]
+        if not (len(rest) == 1 and type(rest[0]) is int and 0 <= rest[0] <= MAX_SCALE):
+            _bad(f"{name}: bad scale")
+        div = _POW10[rest[0]]  # what _float_of does, without a call a value
+        if None in ints:
+            return [None if m is None else m / div for m in ints]
+        return [*map(div.__rtruediv__, cast(list[int], ints))]  # m / div for each m, in C
     if kind == RAW:
-        _expect(isinstance(body, list) and len(body) % 2 == 0, f"{name}: bad runs")
+        if not (isinstance(body, list) and len(body) % 2 == 0):
+            _bad(f"{name}: bad runs")
         out: list[Scalar] = []
         for value, run in zip(body[::2], body[1::2], strict=True):
-            _expect(type(run) is int and 0 < run <= n - len(out), f"{name}: bad runs")
-            _expect(value is None or isinstance(value, int | float | str), f"{name}: bad value")
+            if not (type(run) is int and 0 < run <= n - len(out)):
+                _bad(f"{name}: bad runs")
+            if not (value is None or isinstance(value, int | float | str)):
+                _bad(f"{name}: bad value")
             out += [value] * run
-        _expect(len(out) == n, f"{name}: {len(out)} values, not {n}")
+        if len(out) != n:
+            _bad(f"{name}: {len(out)} values, not {n}")
         return out
-    raise CodecError(f"compact: {name}: unknown column kind {kind!r}")
+    _bad(f"{name}: unknown column kind {kind!r}")
 
 
 def decode_compact(
@@ -394,29 +410,37 @@ def decode_compact(
     ts, _ = _ints(ts_body, n, "ts")
     seq, _ = _ints(seq_body, n, "seq")
     _expect(all(t is not None for t in ts), "ts: null")
-    datas: list[dict[str, Scalar]] = [{} for _ in range(n)]
     names: set[str] = set()
-    raw_names: set[str] = set()
+    raw_columns: dict[str, list[Scalar]] = {}
+    decoded: list[tuple[str, list[Scalar], list[int]]] = []
     for col in columns:
-        _expect(isinstance(col, list) and len(col) == 4, "bad column")
+        if not (isinstance(col, list) and len(col) == 4):
+            _bad("bad column")
         name, kind, body, absent = col
-        _expect(isinstance(name, str), "a field name is not a string")
-        _expect(
-            isinstance(absent, list) and all(type(i) is int for i in absent),
-            f"{name}: bad absent list",
-        )
+        if not isinstance(name, str):
+            _bad("a field name is not a string")
+        if not (isinstance(absent, list) and [*map(type, absent)].count(int) == len(absent)):
+            _bad(f"{name}: bad absent list")
         values = _decode_column(kind, body, n, name)
+        decoded.append((name, values, absent))
         names.add(name)
         if kind == RAW:
-            raw_names.add(name)
-        if absent:
+            raw_columns[name] = values
+    datas: list[dict[str, Scalar]]
+    if decoded and not any(absent for _, _, absent in decoded):
+        # every snapshot has every column (the usual batch): zipped into dicts in C
+        keys = [name for name, _, _ in decoded]
+        datas = [
+            dict(zip(keys, row, strict=True))
+            for row in zip(*(v for _, v, _ in decoded), strict=True)
+        ]
+    else:
+        datas = [{} for _ in range(n)]
+        for name, values, absent in decoded:
             skip = set(absent)
             for i, value in enumerate(values):
                 if i not in skip:
                     datas[i][name] = value
-        else:
-            for data, value in zip(datas, values, strict=True):
-                data[name] = value
     try:
         stamps = [_from_micros(t) for t in ts if t is not None]
     except OverflowError:
@@ -425,7 +449,7 @@ def decode_compact(
         device_id,
         [Snapshot(t, s, d) for t, s, d in zip(stamps, seq, datas, strict=True)],
         frozenset(names),
-        frozenset(raw_names),
+        raw_columns,
     )
 
 

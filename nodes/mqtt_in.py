@@ -684,19 +684,22 @@ def _batch_checked(device: str, batch: Batch) -> list[dict[str, Scalar]] | None:
     names = batch.fields
     if len(names) > MAX_FIELDS or not all(0 < len(k) <= 128 for k in names):
         return None
-    raw = [k for k in batch.raw_fields if k != "device_id"]
-    isfinite = math.isfinite
-    out: list[dict[str, Scalar]] = []
-    for snap in batch.snapshots:
-        data = snap.data
-        if data.get("device_id", device) != device:
+    raw = batch.raw_columns
+    if "device_id" in names:
+        # conservative: a column holding anything but this device (absent rows included)
+        # takes the slow path, which finds the snapshot and the exact reason
+        ids = raw.get("device_id")
+        if ids is None or ids.count(device) != len(ids):
             return None
-        for key in raw:
-            value = data.get(key)
-            if isinstance(value, float) and not isfinite(value):
-                return None
-        out.append({"device_id": device, **data})
-    return out
+    isfinite = math.isfinite
+    for key, values in raw.items():
+        if (
+            key != "device_id"
+            and float in set(map(type, values))
+            and not all(isfinite(v) for v in values if isinstance(v, float))
+        ):
+            return None
+    return [{"device_id": device, **snap.data} for snap in batch.snapshots]
 
 
 def _data(device: str, data: Any) -> dict[str, Scalar]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import struct
 import zlib
 from datetime import UTC, datetime, timedelta, timezone
@@ -270,6 +271,29 @@ def test_a_truncated_or_tampered_payload_is_refused() -> None:
     flipped[len(flipped) // 2] ^= 0xFF
     with pytest.raises(CodecError):
         decode_compact(bytes(flipped))
+
+
+@pytest.mark.parametrize(
+    ("column", "reason"),
+    [
+        (["a", 0, [0, [], [1, True, 2]], []], "a: not integers"),
+        (["a", 1, [1, [], [1, 2, 3.5], 1], []], "a: not integers"),
+        (["a", 1, [0, [], [1, 2, 3], 13], []], "a: bad scale"),
+        (["a", 0, [0, [5], [1, 2]], []], "a: bad null indices"),
+        (["a", 0, [0, [], [1, 2]], []], "a: 2 values, not 3"),
+        (["a", 0, [3, [], [1, 2, 3]], []], "a: bad delta order"),
+        (["a", 2, ["x", 2, "y", 2], []], "a: bad runs"),
+        (["a", 2, [[1], 3], []], "a: bad value"),
+        (["a", 0, [0, [], [1, 2, 3]], [True]], "a: bad absent list"),
+        (["a", 7, [], []], "a: unknown column kind 7"),
+    ],
+)
+def test_a_hostile_column_is_refused_with_its_reason(column: list[object], reason: str) -> None:
+    import msgpack
+
+    batch = [1, "d", 3, [1, [], [0, 1_000_000, 0]], [0, [], [1, 2, 3]], [column]]
+    with pytest.raises(CodecError, match=re.escape(f"compact: {reason}")):
+        decode_compact(MAGIC + zlib.compress(msgpack.packb(batch)))
 
 
 def test_a_run_length_bomb_is_refused() -> None:

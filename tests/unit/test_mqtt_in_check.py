@@ -42,6 +42,7 @@ def _batch(rng: random.Random) -> list[Snapshot]:
         names.append("x" * 129)
     if rng.random() < 0.3:
         names.append("device_id")
+    numeric_id = rng.random() < 0.1
     snaps = []
     for i in range(rng.randint(1, 30)):
         data: dict[str, Scalar] = {}
@@ -53,7 +54,8 @@ def _batch(rng: random.Random) -> list[Snapshot]:
                     value = 1.5
                 data[name] = value
         if "device_id" in data:
-            data["device_id"] = DEVICE if rng.random() < 0.95 else "home-02"
+            # in some batches a number: a column that is not RAW-coded must be looked at too
+            data["device_id"] = 7 if numeric_id else DEVICE if rng.random() < 0.95 else "home-02"
         snaps.append(Snapshot(T0 + timedelta(seconds=i), i + 1, data))
     return snaps
 
