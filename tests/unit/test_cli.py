@@ -193,3 +193,31 @@ def test_third_party_kinds_register_through_entry_points(tmp_path: Path) -> None
     )
     assert res.returncode == 0, res.stderr
     assert [json.loads(x)["data"]["v"] for x in res.stdout.splitlines()] == [2, 4]
+
+
+def test_settle_gc_freezes_the_start_and_still_collects_cycles_made_later() -> None:
+    # in a process of its own: a freeze is for the rest of the process's life
+    code = """
+import gc, weakref
+from runner.cli import FULL_GC_EVERY, settle_gc
+
+class Node:
+    pass
+
+early = [Node()]
+settle_gc()
+assert gc.get_freeze_count() > 0
+assert not any(o is early for o in gc.get_objects()), "start-up objects are frozen"
+assert gc.get_threshold()[2] == FULL_GC_EVERY > 10
+a, b = Node(), Node()
+a.other, b.other = b, a
+gone = weakref.ref(a)
+del a, b
+gc.collect()
+assert gone() is None, "a cycle made after the freeze is still collected"
+print("ok")
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
