@@ -451,6 +451,10 @@ class Device:
         self.h0 = 0  # rows and minute summaries are kept from here (s)
         self.track = False  # note changed summaries (for a state file)
         self.changed_partials: set[tuple[str, int]] = set()
+        # advance() has nothing to close while the limit is below _quiet_until and
+        # open_from is still _quiet_for
+        self._quiet_until = 0
+        self._quiet_for: tuple[int, ...] = ()
 
     # rows in --------------------------------------------------------------------------------
 
@@ -739,6 +743,11 @@ class Device:
             return []
         cal = self.s.calendar
         limit = (wm - self.s.grace_us) // US
+        opens = self.open_from
+        if limit < self._quiet_until and self._quiet_for == tuple(opens.values()):
+            # nothing can close before the next window end: most rows (59 of 60 at 1 Hz)
+            self._evict()
+            return []
         out: list[Window] = []
         new_open = cal.start("1m", limit)
         if new_open > self.open_from["1m"]:
@@ -763,6 +772,10 @@ class Device:
                     out.append((res, start, p))
             self.open_from[res] = new_open
         self._evict()
+        # the first limit at which a window of some resolution closes: the end of the one
+        # holding its open_from (`cal.start(res, limit) > open_from[res]` from there on)
+        self._quiet_until = min(cal.end(r, cal.start(r, o)) for r, o in opens.items())
+        self._quiet_for = tuple(opens.values())
         return out
 
     def open_windows(self) -> list[Window]:

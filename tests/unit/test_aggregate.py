@@ -684,3 +684,57 @@ async def test_a_silent_device_has_its_open_windows_emitted_once() -> None:
         assert all(m.data["samples"] == 30 for m in ctx.emitted)
     finally:
         await node.stop()
+
+
+def _dst_night_rows(seed: int) -> list[Message]:
+    """Rows over the spring-forward night (29 March 2026, Brussels), at irregular steps,
+    many of them exactly on a minute, a quarter, an hour or the local midnight."""
+    rnd = random.Random(seed)
+    start = local_midnight("2026-03-28") + timedelta(hours=23, minutes=50)
+    t, out = start, []
+    while t < start + timedelta(hours=5):
+        step = rnd.choice((1, 1, 7, 13, 60, 300, 900, 3600))
+        t = t + timedelta(seconds=step)
+        if rnd.random() < 0.3:  # onto the next window boundary exactly
+            t = t.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        data: dict[str, Scalar] = {"device_id": DEVICE, "grid_power_w": rnd.uniform(-3e3, 5e3)}
+        data["grid_import_t1_kwh"] = round(100 + (t - start).total_seconds() / 3600, 3)
+        out.append(Message(t, "edge", data))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("grace_s", [0, 5])
+async def test_windows_close_on_the_same_row_with_and_without_the_quiet_shortcut(
+    seed: int, grace_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Device.advance skips its work while no window can close (`_quiet_until`): every
+    window must still go out after the very row it went out after with the full check."""
+    from nodes._windows import Device
+
+    msgs = irregular(seed, n=600) + _dst_night_rows(seed)
+
+    async def emitted_after_each_row() -> list[list[tuple[datetime, dict[str, Scalar]]]]:
+        node, ctx = build(Aggregate, config(max_gap_s=120, grace_s=grace_s), node_id="agg")
+        await node.start()
+        out = []
+        try:
+            for m in msgs:
+                before = len(ctx.emitted)
+                await node.process(m)
+                out.append([(w.ts, dict(w.data)) for w in ctx.emitted[before:]])
+        finally:
+            await node.stop()
+        return out
+
+    fast = await emitted_after_each_row()
+    full_advance = Device.advance
+
+    def always_full(self: Device) -> list[Any]:
+        self._quiet_until = 0  # the shortcut never applies
+        return full_advance(self)
+
+    monkeypatch.setattr(Device, "advance", always_full)
+    full = await emitted_after_each_row()
+    assert sum(map(len, full)) > 300
+    assert fast == full
