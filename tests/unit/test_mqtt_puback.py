@@ -5,27 +5,13 @@ paho's handler, errors included."""
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
 from nodes import _mqtt
-
-
-def client() -> _mqtt.Client:
-    return _mqtt.Client(
-        host="127.0.0.1",
-        port=1,
-        tls=ssl.create_default_context(),
-        client_id="t",
-        keepalive_s=30,
-        timeout_s=1,
-        clean_start=True,
-        max_inflight=0,
-    )
-
+from tests.unit.mqttclient import offline_client
 
 FAST: list[bool] = []  # per on_publish call: were the fast path's shared objects passed?
 
@@ -54,7 +40,7 @@ PROPS = b"\x0d\x1f\x00\x0agone away!"  # a Reason String property (length 13)
 
 @pytest.mark.parametrize("cmd", ["PUBACK", "PUBCOMP"])
 async def test_every_puback_shape_gets_what_pahos_handler_gives(cmd: str) -> None:
-    c = client()
+    c = offline_client()
     fast = c._client._handle_pubackcomp
     paho_own = c._paho_pubackcomp
     assert fast != paho_own  # the fast path is installed

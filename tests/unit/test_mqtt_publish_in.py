@@ -6,7 +6,6 @@ Messages with the same properties section share one (read-only) Properties objec
 from __future__ import annotations
 
 import random
-import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -15,20 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from nodes import _mqtt
-
-
-def client(manual_ack: bool) -> _mqtt.Client:
-    return _mqtt.Client(
-        host="127.0.0.1",
-        port=1,
-        tls=ssl.create_default_context(),
-        client_id="t",
-        keepalive_s=30,
-        timeout_s=1,
-        clean_start=True,
-        manual_ack=manual_ack,
-        max_inflight=0,
-    )
+from tests.unit.mqttclient import offline_client
 
 
 def handle(c: _mqtt.Client, handler: Any, header: int, packet: bytes) -> Any:
@@ -106,7 +92,7 @@ def packets(rnd: random.Random) -> list[tuple[int, bytes]]:
 
 @pytest.mark.parametrize("manual_ack", [True, False])
 async def test_every_publish_gets_what_pahos_handler_gives(manual_ack: bool) -> None:
-    c = client(manual_ack)
+    c = offline_client(manual_ack)
     fast = c._client._handle_publish
     paho_own = c._paho_publish
     assert fast != paho_own  # the fast path is installed
@@ -121,7 +107,7 @@ async def test_every_publish_gets_what_pahos_handler_gives(manual_ack: bool) -> 
 
 
 async def test_messages_with_the_same_section_share_one_properties_object() -> None:
-    c = client(True)
+    c = offline_client(True)
     paho: Any = c._client
     seen: list[Any] = []
     paho._handle_on_message = lambda m: seen.append(m.properties)
