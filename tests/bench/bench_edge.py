@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from _common import (
 )
 
 sys.path.insert(0, str(ROOT))
+from tests.net import free_port, wait_listening
 from tests.services.mosquitto import SERVER_ID, Broker, TestClient
 
 NAME = "edge"
@@ -57,23 +57,6 @@ WARMUP_S = min(10.0, EDGE_S / 4)
 LOG_EVERY_S = 10
 RSS_TARGET_MB = 50.0
 CPU_TARGET_PCT = 0.3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the simulators do not listen on 127.0.0.1:{port}")
-        time.sleep(0.1)
 
 
 def cpu_s(p: psutil.Process) -> float:

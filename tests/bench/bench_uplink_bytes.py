@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -51,7 +50,7 @@ from _common import (
 
 sys.path.insert(0, str(ROOT))
 from nodes._codec import decode_compact, is_compact
-from tests.net import free_port
+from tests.net import free_port, wait_listening
 from tests.services.mosquitto import SERVER_ID, Broker, TestClient
 
 NAME = "uplink_bytes"
@@ -161,17 +160,6 @@ class Arrivals(TestClient):
         with self.lock:
             self.by_device.setdefault(device, []).append((now, len(seqs), seqs))
             self.payload_bytes[device] = self.payload_bytes.get(device, 0) + len(payload)
-
-
-def wait_listening(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-        time.sleep(0.1)
 
 
 def window(msgs: list[tuple[float, int, list[int]]], connected_at: float) -> tuple[int, int] | None:

@@ -8,31 +8,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.net import free_port
+from tests.net import free_port, wait_listening
 from tests.services.mosquitto import SERVER_ID, Broker, TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWRUN = [sys.executable, "-m", "runner.cli"]
-
-
-def wait_listening(port: int, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

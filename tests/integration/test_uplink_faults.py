@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from nodes.mqtt_in import DeviceCounters, MqttIn, _Seqs
 from runner.engine import Runtime
 from tests import kinds
 from tests.conftest import flow
-from tests.net import free_port
+from tests.net import free_port, wait_listening
 from tests.services.mosquitto import SERVER_ID, Broker, TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,14 +173,6 @@ def summary(p: Flowrun) -> str:
         f"{d}: {len(s)} seqs, max {max(s)}, 1..{contiguous(s)} complete"
         for d, s in sorted(p.seqs().items())
     )
-
-
-def wait_listening(port: int, timeout_s: float = 20.0) -> None:
-    def up() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(up, timeout_s, f"127.0.0.1:{port} to listen", every_s=0.05)
 
 
 # what the buffer gave and what the server got -----------------------------------------------
