@@ -323,17 +323,15 @@ def _inflate(stream: bytes, max_bytes: int) -> bytes:
     return out
 
 
-def _expect(cond: bool, what: str) -> None:
-    if not cond:
-        raise CodecError(f"compact: {what}")
-
-
-# The per-column checks below test first and only then format their message: an f-string
-# argument is built on every call, and these run for every column of every batch.
-
-
 def _bad(what: str) -> NoReturn:
     raise CodecError(f"compact: {what}")
+
+
+def _expect(cond: bool, what: str) -> None:
+    # for the once-a-batch checks; the per-column ones below test first and only then
+    # call _bad with their message: an f-string argument is built on every call
+    if not cond:
+        _bad(what)
 
 
 def _ints(body: Any, n: int, what: str) -> tuple[list[int | None], list[Any]]:

@@ -50,8 +50,9 @@ import paho.mqtt.client as mqtt
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
 from runner import Ack
@@ -307,17 +308,11 @@ class Client(aiomqtt.Client):
             mid = int.from_bytes(packet[end : end + 2], "big")
             end += 2
         props_at = end
-        size = shift = 0
-        while end < len(packet) and end - props_at < 4:  # the length: a varint, 1-4 bytes
-            byte = packet[end]
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            end += 1
-            if not byte & 0x80:
-                break
-        else:
-            return self._paho_publish()  # truncated, or a varint of 5+ bytes
-        end += size
+        try:  # the section's length, a varint of 1-4 bytes
+            size, used = VariableByteIntegers.decode(packet[end : end + 4])  # type: ignore[no-untyped-call]
+        except MalformedPacket:  # truncated, or 5+ bytes
+            return self._paho_publish()
+        end += used + size
         if end > len(packet):
             return self._paho_publish()
         section = bytes(packet[props_at:end])

@@ -279,9 +279,7 @@ class MqttOut(Sink[MqttOutConfig]):
             done = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(2.0):
-                    while not client.closed and (
-                        self._status_pending or self._in_flight >= client.receive_maximum
-                    ):
+                    while not client.closed and self._status_slot_taken(client):
                         self._changed.clear()  # set by the pending status's PUBACK
                         await self._changed.wait()
                     self._publish_status(
@@ -474,7 +472,7 @@ class MqttOut(Sink[MqttOutConfig]):
         """One status PUBLISH at a time, in the slot the data window leaves it (paho has
         no window of its own here: see _new_client). A periodic status that finds one
         still in flight is skipped; the next interval brings a fresher one."""
-        if self._status_pending or self._in_flight >= client.receive_maximum:
+        if self._status_slot_taken(client):
             self.status_skipped += 1
             return
 
@@ -497,6 +495,9 @@ class MqttOut(Sink[MqttOutConfig]):
             properties=_mqtt.publish_properties(CONTENT_TYPE_JSON),
         )
         self._status_pending = True
+
+    def _status_slot_taken(self, client: _mqtt.Client) -> bool:
+        return self._status_pending or self._in_flight >= client.receive_maximum
 
     def _new_client(self, tls: ssl.SSLContext) -> _mqtt.Client:
         cfg = self.config
