@@ -35,7 +35,9 @@ random input.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Final
 
 from influxdb_client.client.write import point as _point
@@ -74,13 +76,18 @@ class LineSerializer:
         time: int | None = None,
     ) -> str:
         """The point's line; "" when no field is left to write (Point's rule)."""
+        return self.line_of(measurement, tags, self.fields(fields), time)
+
+    def line_of(
+        self, measurement: str, tags: Mapping[str, str], body: str, time: int | None = None
+    ) -> str:
+        """`line` with its field set already written (by `fields` or a `FixedFields`)."""
         key = (measurement, tuple(tags.items()))
         head = self._heads.get(key)
         if head is None:
             head = self._head(key, tags)
         if head[0] == "#":
             _warn_comment(measurement)
-        body = self.fields(fields)
         if not body:
             return ""
         if time is None:
@@ -127,6 +134,11 @@ class LineSerializer:
         self._heads[key] = head
         return head
 
+    def order(self, keys: tuple[str, ...]) -> list[tuple[str, str]]:
+        """The field names sorted as Point sorts them, each with its escaped `key=`."""
+        order = self._orders.get(keys)
+        return self._order(keys) if order is None else order
+
     def _order(self, keys: tuple[str, ...]) -> list[tuple[str, str]]:
         """The field names sorted as Point sorts them, each with its escaped `key=`."""
         order = [(name, _escape_key(name) + "=") for name in sorted(keys)]
@@ -134,6 +146,77 @@ class LineSerializer:
             self._orders.clear()
         self._orders[keys] = order
         return order
+
+
+class FixedFields:
+    """The field set of lines that all have the same field names, each always of one kind:
+    numbers written as floats (ints and bools converted, as `influx_write` stores them),
+    strings, and at most one int (the seq). `fields` then costs a few calls into C a line
+    instead of a Python step a field: a server writes ~10,000 such lines a second.
+
+    `body` gives exactly what `LineSerializer.fields` gives for those values converted so,
+    or None when a number is not finite or too large for a float: those the caller leaves
+    out or counts, by the general path."""
+
+    __slots__ = ("_get", "_inserts", "_prefixes")
+
+    def __init__(
+        self,
+        serializer: LineSerializer,
+        floats: Sequence[str],
+        strings: Sequence[str] = (),
+        int_field: str | None = None,
+    ) -> None:
+        names = (*floats, *strings, *([int_field] if int_field is not None else []))
+        order = serializer.order(tuple(names))
+        numbers = frozenset(floats)
+        written = [(name, prefix) for name, prefix in order if name in numbers]
+        self._get: Callable[[Mapping[str, Any]], Sequence[Any]] = _getter(
+            [name for name, _ in written]
+        )
+        self._prefixes = tuple(prefix for _, prefix in written)
+        # the others go in at their place in the sorted order, front to back: (index,
+        # prefix, name; None for the int)
+        self._inserts = tuple(
+            (i, prefix, None if name == int_field else name)
+            for i, (name, prefix) in enumerate(order)
+            if name not in numbers
+        )
+
+    def body(self, data: Mapping[str, Any], int_value: int | None = None) -> str | None:
+        try:
+            numbers = list(map(float, self._get(data)))
+        except OverflowError:
+            return None
+        total = sum(numbers)
+        # finite for finite numbers unless the sum overflows: then the general path too
+        if total - total != 0.0:
+            return None
+        parts = list(
+            map(str.__add__, self._prefixes, map(str.removesuffix, map(repr, numbers), _DOT0))
+        )
+        for i, prefix, name in self._inserts:
+            if name is None:
+                parts.insert(i, f"{prefix}{int_value}i")
+                continue
+            text: str = data[name]
+            if '"' in text or "\\" in text:
+                text = text.translate(_ESCAPE_STRING)
+            parts.insert(i, f'{prefix}"{text}"')
+        return ",".join(parts)
+
+
+_DOT0: Final = repeat(".0")
+
+
+def _getter(names: Sequence[str]) -> Callable[[Mapping[str, Any]], Sequence[Any]]:
+    """itemgetter that gives a tuple whatever the number of names."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda data: (data[name],)
+    if not names:
+        return lambda data: ()
+    return itemgetter(*names)
 
 
 def _warn_comment(measurement: str) -> None:

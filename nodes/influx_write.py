@@ -45,6 +45,7 @@ import contextlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
@@ -53,7 +54,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import Field, field_validator, model_validator
 
-from nodes._line import LineSerializer
+from nodes._line import FixedFields, LineSerializer
 from runner import Backoff, ConsumerConfig, Message, NodeContext, Scalar, Sink, node
 
 if TYPE_CHECKING:
@@ -62,6 +63,18 @@ if TYPE_CHECKING:
 Precision = Literal["ns", "us", "ms", "s"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PER_NS: dict[str, int] = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
+MAX_PLANS = 1_024  # message signatures: a few per measurement
+_Signature = tuple[str, tuple[str, ...], tuple[type, ...], type]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How messages of one signature are written: their tag keys and field set."""
+
+    tags: tuple[str, ...]
+    fields: FixedFields
+
+
 _V1_PRECISION = {"ns": "n", "us": "u", "ms": "ms", "s": "s"}
 # InfluxDB 1.x and 2.x word a type conflict the same way (1.x: 400, 2.x: 422)
 _CONFLICT = re.compile(
@@ -299,6 +312,10 @@ class InfluxWrite(Sink[InfluxWriteConfig]):
         # measurement -> field -> the type its values are written as: the first this
         # process wrote, or the one InfluxDB said it stores
         self._types: dict[str, dict[str, str]] = {}
+        # (measurement, field names, value types, seq type) -> how such a message is written
+        # once every field's type is known (None: the general path); made from _types, so
+        # emptied whenever a type is learned
+        self._plans: dict[_Signature, _Plan | None] = {}
         self._mismatch_logged: set[tuple[str, str, str]] = set()
         self._pending: list[tuple[str, Message]] = []
         self._first_at = 0.0  # loop time of the first pending message
@@ -412,6 +429,23 @@ class InfluxWrite(Sink[InfluxWriteConfig]):
 
     def _line(self, msg: Message) -> str:
         """The message's point as line protocol, "" when it has no field to write."""
+        measurement, signature = self._signature(msg)
+        data = msg.data
+        plan = self._plans.get(signature)
+        if plan is not None:
+            body = plan.fields.body(data, msg.seq)
+            if body is not None:
+                tags = {key: str(data[key]) for key in plan.tags}
+                return self._serializer.line_of(str(measurement), tags, body, self._time(msg))
+        line = self._general_line(msg, measurement)
+        if signature not in self._plans:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[signature] = self._plan(msg, measurement)
+        return line
+
+    def _signature(self, msg: Message) -> tuple[str, _Signature]:
+        """The message's measurement, and what its plan is looked up by."""
         cfg = self.config
         data = msg.data
         measurement = cfg.measurement
@@ -419,6 +453,47 @@ class InfluxWrite(Sink[InfluxWriteConfig]):
             named = data.get(cfg.measurement_field)
             if isinstance(named, str) and named:
                 measurement = named
+        types = tuple(map(type, data.values()))
+        return measurement, (measurement, tuple(data), types, type(msg.seq))
+
+    def _plan(self, msg: Message, measurement: str) -> _Plan | None:
+        """How to write messages like this one, if every value of it is of the type its
+        field is known to be written as (else each needs the general path's checks)."""
+        types = self._types.get(measurement, {})
+        tags: list[str] = []
+        floats: list[str] = []
+        strings: list[str] = []
+        for key, value in msg.data.items():
+            kind = type(value)
+            role = self._roles.get(key)
+            if value is None or role is False:
+                continue
+            if role:
+                tags.append(key)
+            elif kind in (float, int, bool) and types.get(key) == "float":
+                floats.append(key)
+            elif kind is str and types.get(key) == "string":
+                strings.append(key)
+            else:
+                return None
+        seq_field = self.config.seq_field
+        int_field = None
+        if msg.seq is not None and seq_field is not None:
+            if type(msg.seq) is not int or types.get(seq_field) != "integer":
+                return None
+            int_field = seq_field
+        if not (floats or strings or int_field):
+            return None
+        return _Plan(tuple(tags), FixedFields(self._serializer, floats, strings, int_field))
+
+    def _time(self, msg: Message) -> int:
+        ts = msg.ts if msg.ts.tzinfo is not None else msg.ts.replace(tzinfo=UTC)
+        # integer arithmetic: through a float, ns since 1970 lose their last digits
+        return (ts - _EPOCH) // timedelta(microseconds=1) * 1000 // self._per
+
+    def _general_line(self, msg: Message, measurement: str) -> str:
+        cfg = self.config
+        data = msg.data
         point_tags: dict[str, str] = {}
         fields: dict[str, Scalar] = {}
         roles = self._roles
@@ -458,20 +533,21 @@ class InfluxWrite(Sink[InfluxWriteConfig]):
                     self._mismatch(measurement, key, kind, known)
                     continue
                 types[key] = kind
+                self._plans.clear()
             fields[key] = value
         seq_field = cfg.seq_field
         if msg.seq is not None and seq_field is not None:
-            known = types.setdefault(seq_field, "integer")
+            known = types.get(seq_field)
+            if known is None:
+                known = types[seq_field] = "integer"
+                self._plans.clear()
             if known == "integer":
                 fields[seq_field] = msg.seq
             else:
                 self._mismatch(measurement, seq_field, "integer", known)
-        ts = msg.ts if msg.ts.tzinfo is not None else msg.ts.replace(tzinfo=UTC)
-        # integer arithmetic: through a float, ns since 1970 lose their last digits
-        ns = (ts - _EPOCH) // timedelta(microseconds=1) * 1000
         # what Point(measurement).tag(...).field(...).time(...).to_line_protocol() makes; str():
         # the serialiser's caches compare by value, Point prints str() of a str subclass
-        return self._serializer.line(str(measurement), point_tags, fields, ns // self._per)
+        return self._serializer.line(str(measurement), point_tags, fields, self._time(msg))
 
     def _mismatch(self, measurement: str, key: str, kind: str, known: str) -> None:
         self.dropped_values += 1
@@ -660,6 +736,7 @@ class InfluxWrite(Sink[InfluxWriteConfig]):
             for m in conflicts:
                 field, measurement, stored = m["field"], m["measurement"], m["stored"]
                 self._types.setdefault(measurement, {})[field] = stored
+                self._plans.clear()
                 learned.append(f"{measurement}.{field} is stored as {stored}, not {m['sent']}")
             return (
                 f" ({'; '.join(learned)}: InfluxDB keeps a field's first type per shard; the "

@@ -409,3 +409,89 @@ def test_equal_tags_and_measurements_that_print_otherwise_are_not_confused() -> 
     for i, (device, kind) in enumerate(itertools.product(devices, ["s", Str("s"), "t"])):
         msg = Message(t0, "src", {"device_id": device, "_measurement": kind, "x": 1.0}, i)
         assert sink._line(msg) == old._line(msg)
+
+
+# messages of one signature: most take the fixed field set's path (nodes/_line.FixedFields)
+
+# per field, values of one type, edges included (NaN, infinities, ints beyond a float,
+# strings to escape); None now and then changes the message's signature
+TYPED_VALUES: list[st.SearchStrategy[Any]] = [
+    FLOATS,
+    st.integers(-(10**6), 10**6) | st.sampled_from([2**1100, -(2**1100), 2**53 + 1]),
+    st.booleans(),
+    STRINGS,
+    STRINGS.map(Str),
+    FLOATS.map(Flt),
+]
+
+
+@EXAMPLES
+@given(
+    st.data(),
+    st.fixed_dictionaries(
+        {
+            "precision": st.sampled_from(["ns", "us", "ms", "s"]),
+            "measurement": st.sampled_from(["energy", "e m,x", "#c"]),
+            "measurement_field": st.sampled_from(["_measurement", None]),
+            "tags": st.lists(st.sampled_from(["device_id", "phase", "t=1"]), unique=True),
+            "static_tags": st.dictionaries(st.sampled_from(["site", "a\\"]), NAMES, max_size=1),
+            "seq_field": st.sampled_from(["seq", "n", "grid_power_w", None]),
+        }
+    ),
+    st.lists(st.sampled_from(KEYS) | NAMES, min_size=1, max_size=10, unique=True),
+)
+def test_messages_of_one_signature_make_the_point_based_lines(
+    data: st.DataObject, opts: dict[str, Any], keys: list[str]
+) -> None:
+    try:
+        sink, _ = build(InfluxWrite, {**SINK, **opts})
+    except ValidationError:
+        assume(False)
+        return
+    old = PointLine(sink.config)
+    kinds = [data.draw(st.sampled_from(TYPED_VALUES)) for _ in keys]
+    for i in range(data.draw(st.integers(2, 12))):
+        values = {
+            key: data.draw(st.none() if data.draw(st.integers(0, 9)) == 0 else kind)
+            for key, kind in zip(keys, kinds, strict=True)
+        }
+        if opts["measurement_field"] is not None:
+            values[opts["measurement_field"]] = data.draw(st.sampled_from(["m1", "m 2"]))
+        msg = Message(datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=i), "src", values, i)
+        with warnings.catch_warnings(record=True) as caught_old:
+            warnings.simplefilter("always")
+            expected = old._line(msg)
+        with warnings.catch_warnings(record=True) as caught_new:
+            warnings.simplefilter("always")
+            assert sink._line(msg) == expected
+        assert [str(w.message) for w in caught_new] == [str(w.message) for w in caught_old]
+        assert sink.dropped_values == old.dropped_values
+        assert sink.ctx.stats.errors == old.mismatches
+        assert sink._types == old._types
+
+
+def test_a_snapshot_stream_takes_the_fixed_field_path() -> None:
+    sink, _ = build(InfluxWrite, {**SINK, "tags": ["device_id"], "seq_field": "seq"})
+    old = PointLine(sink.config)
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    taken = 0
+    for i in range(200):
+        data: dict[str, Scalar] = {
+            "device_id": "hw-1",
+            "grid_power_w": i - 100,
+            "pv_daily_kwh": i / 7,
+            "voltage_l1_v": 230.0 + i % 3,
+            "tariff": 1 + i % 2,
+            "inverter_state": 'run "ok"' if i % 2 else "run\\ning",
+            "meter_ts": None,
+            # NaN at first: its type is learned only from the second message on
+            "battery_soc_pct": math.nan if i in (0, 150) else 50.5,
+            "big": 2**1100 if i == 160 else 1,
+        }
+        msg = Message(t0 + timedelta(seconds=i), "src", data, i + 1)
+        taken += sink._plans.get(sink._signature(msg)[1]) is not None
+        assert sink._line(msg) == old._line(msg)
+        assert sink.dropped_values == old.dropped_values
+    assert old.dropped_values == 3  # the NaNs and the int beyond a float
+    # all but the first two, NaN and overflow included (those then go the general way)
+    assert taken == 198
