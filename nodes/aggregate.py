@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosqlite
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 from pydantic import Field, field_validator
 
+from nodes._aggregate_worker import COUNTERS, Worker
 from nodes._windows import (
     EPOCH,
     FIELD_RULES,
@@ -167,6 +169,16 @@ class AggregateConfig(ConsumerConfig):
             "close them. null: open windows go out only at flush."
         ),
     )
+    process: Literal["same", "own"] = Field(
+        default="same",
+        description=(
+            "`own`: the windows run in a child process of their own (the node in the flow "
+            "forwards its rows there and passes the windows on), so they take another core "
+            "than the flow's event loop: for a server whose ingest fills one core. The child "
+            "is started and stopped with the node; if it dies, the rows it held are nacked "
+            "and a new one goes on from the state file."
+        ),
+    )
     commit_interval_s: float = Field(
         default=1.0,
         gt=0,
@@ -265,6 +277,10 @@ class Aggregate(Processor[AggregateConfig]):
     needed and unacked outputs survive restarts, redeploys and reloads; a restarted node
     goes on as if it had not stopped.
 
+    Process: with `process: own` all of the above runs in a child process of the node's
+    own (nodes/_aggregate_worker.py); the node in the flow forwards the rows and passes the
+    windows and acks on, so the flow's event loop keeps its core for the rest of the flow.
+
     Memory: the rows of the last `late_s` (+ max_gap_s and a quarter) per device, as float
     columns, and the summaries of the open day: about 3 MB per device at one 28-field
     snapshot a second with the default hour (tests/bench/bench_aggregate.py). Every row of
@@ -312,10 +328,22 @@ class Aggregate(Processor[AggregateConfig]):
         self.too_late = 0
         self.windows = 0
         self.reemitted = 0
+        self._worker = (
+            Worker(config.model_dump_json(), ctx, self._counted)
+            if config.process == "own"
+            else None
+        )
 
     # life cycle ------------------------------------------------------------------------
 
+    def _counted(self, counters: dict[str, int]) -> None:
+        for name in COUNTERS:
+            setattr(self, name, counters[name])
+
     async def start(self) -> None:
+        if self._worker is not None:
+            await self._worker.start()
+            return
         if self.config.state_path is not None:
             await self._open_state(Path(self.config.state_path))
             self._committer = asyncio.create_task(
@@ -328,12 +356,18 @@ class Aggregate(Processor[AggregateConfig]):
             self._retry_wake.set()
 
     async def flush(self) -> None:
+        if self._worker is not None:
+            await self._worker.flush()
+            return
         for dev in self.devices.values():
             await self._send(dev, dev.open_windows())
         if self._db is not None:
             await self._commit()
 
     async def stop(self) -> None:
+        if self._worker is not None:
+            await self._worker.stop()
+            return
         for task in (self._retrier, self._committer, self._idler):
             if task is not None:
                 task.cancel()
@@ -354,6 +388,9 @@ class Aggregate(Processor[AggregateConfig]):
     # rows in ---------------------------------------------------------------------------
 
     async def process(self, msg: Message) -> None:
+        if self._worker is not None:
+            await self._worker.put(msg)
+            return
         data = msg.data
         device = data.get("device_id", self.config.device_id)
         if not isinstance(device, str) or not device:

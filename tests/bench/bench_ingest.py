@@ -31,7 +31,8 @@ Phases, each on a fresh InfluxDB database and fresh MQTT sessions:
 
 Measured per phase: snapshots/s into `energy` (SELECT count(seq), every second) over the
 steady part (from WARMUP_S to the end of publishing); the vps processes' CPU seconds
-(user + system, psutil) per snapshot over the same span; the CPU of the broker, influxd,
+(user + system, psutil, their aggregate worker children included; `vps_main` in the CPU
+shares is the flow's own process without them) per snapshot over the same span; the CPU of the broker, influxd,
 the generator and of everything else on the machine (`others`: other work skews the
 rates); the largest RSS; how far behind the vps was when publishing ended, and the drain
 rate after that. Then every seq of every device is checked present. Also
@@ -354,12 +355,14 @@ class Vps:
                 raise RuntimeError(f"vps did not subscribe: {tail(self.err_path, 8)}")
             time.sleep(0.05)
 
-    def cpu_s(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
-
     def sample_rss(self) -> None:
-        self.max_rss = max(self.max_rss, self.ps.memory_info().rss)
+        """Its RSS and its children's (an aggregate with `process: own`)."""
+        try:
+            procs = [self.ps, *self.ps.children(recursive=True)]
+            rss = sum(p.memory_info().rss for p in procs)
+        except psutil.Error:
+            return
+        self.max_rss = max(self.max_rss, rss)
 
     def errors(self) -> list[str]:
         return [line for line in tail(self.err_path, 2000) if " ERROR " in line][:3]
@@ -381,6 +384,32 @@ def count_rows(influx: Any, db: str) -> int:
 # one phase ---------------------------------------------------------------------------------------
 
 
+def cpu_with_children(p: psutil.Process) -> float:
+    """CPU seconds of a process and of its children, living (an aggregate worker) or ended."""
+    total = 0.0
+    try:
+        t = p.cpu_times()
+        total += t.user + t.system + t.children_user + t.children_system
+        kids = p.children(recursive=True)
+    except psutil.Error:
+        return total
+    for kid in kids:
+        try:
+            t = kid.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass  # ended meanwhile: counted in children_* once it is waited for
+    return total
+
+
+def own_cpu(p: psutil.Process) -> float:
+    try:
+        t = p.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
 class CpuMeter:
     """CPU seconds (user + system) of named processes and of the whole machine."""
 
@@ -392,12 +421,11 @@ class CpuMeter:
         for name, procs in self.procs.items():
             total = 0.0
             for p in procs:
-                try:
-                    t = p.cpu_times()
-                    total += t.user + t.system + t.children_user + t.children_system
-                except psutil.Error:
-                    pass
+                # the vps's children are its aggregate workers; the bench's are all the others
+                total += cpu_with_children(p) if name == "vps" else own_cpu(p)
             out[name] = total
+        # of which the vps processes themselves, without their aggregate workers
+        out["vps_main"] = sum(own_cpu(p) for p in self.procs["vps"])
         m = psutil.cpu_times()
         out["machine"] = m.user + m.nice + m.system + m.irq + m.softirq + m.steal
         return out
@@ -517,7 +545,9 @@ def phase(
     (ta, wa, _, ca), (tb, wb, sb, cb) = steady[0], steady[-1]
     rate_in = (wb - wa) / (tb - ta)
     cpu = {k: cb[k] - ca[k] for k in ca}
+    vps_main = cpu.pop("vps_main")
     cpu["others"] = cpu.pop("machine") - sum(cpu.values())
+    cpu["vps_main"] = vps_main
     cpu_per = cpu["vps"] / (wb - wa) if wb > wa else None
     end = next((s for s in samples if s[1] >= total), samples[-1])
     drain_rate = None
