@@ -13,9 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped, unused-ignore]
 import pytest
 from pydantic import ValidationError
 
+import nodes.aggregate
 from nodes._household import BRUSSELS, Household, HouseholdConfig, Snapshot
 from nodes._windows import Classifier
 from nodes.aggregate import Aggregate
@@ -412,6 +414,69 @@ async def test_restart_with_a_state_file_goes_on_as_if_it_had_not_stopped(
     with sqlite3.connect(state) as db:
         (n,) = db.execute("SELECT count(*) FROM rows").fetchone()
     assert 3600 <= n <= 3600 + 3 * 900
+
+
+def keyed_form(state: str) -> None:
+    """Rewrite a state file as schema 1 wrote it: each row with its field names."""
+    with sqlite3.connect(state) as db:
+        names = {
+            i: msgpack.unpackb(blob) for i, blob in db.execute("SELECT id, names FROM fieldsets")
+        }
+        for device, ts, blob in db.execute("SELECT device, ts_us, data FROM rows").fetchall():
+            fieldset, values, lasts = msgpack.unpackb(blob)
+            numbers, lasts_of = names[fieldset]
+            keyed = msgpack.packb(
+                [dict(zip(numbers, values, strict=True)), dict(zip(lasts_of, lasts, strict=True))]
+            )
+            db.execute(
+                "UPDATE rows SET data = ? WHERE device = ? AND ts_us = ?", (keyed, device, ts)
+            )
+        db.execute("DROP TABLE fieldsets")
+        db.execute("PRAGMA user_version = 1")
+
+
+async def test_rows_are_stored_without_their_names_and_a_schema_1_file_is_read(
+    tmp_path: Path,
+) -> None:
+    msgs = simulated(local_midnight("2026-02-03") + timedelta(hours=23, minutes=30), 3600)
+    _, whole = await aggregate(msgs)
+    state = str(tmp_path / "agg.sqlite")
+    _, one = await aggregate(msgs[:1800], state_path=state)
+    with sqlite3.connect(state) as db:
+        (stored,) = db.execute("SELECT avg(length(data)) FROM rows").fetchone()
+        (sets,) = db.execute("SELECT count(*) FROM fieldsets").fetchone()
+    keyed_form(state)
+    with sqlite3.connect(state) as db:
+        (keyed,) = db.execute("SELECT avg(length(data)) FROM rows").fetchone()
+    assert stored < 0.5 * keyed  # the names were most of a row
+    assert 1 <= sets <= 4  # the household's few shapes of rows, not one a row
+    node, two = await aggregate(msgs[1800:], state_path=state)
+    assert node.too_late == 0
+    assert final([*one.emitted, *two.emitted]) == final(whole.emitted)
+    with sqlite3.connect(state) as db:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    assert version == 2
+
+
+async def test_rows_beyond_max_fieldsets_keep_their_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nodes.aggregate, "MAX_FIELDSETS", 2)
+    shapes = [
+        {"grid_power_w": 1.0},
+        {"grid_power_w": 2.0, "pv_power_w": 3.0},
+        {"pv_power_w": 4.0, "inverter_state": "running"},
+        {"grid_power_w": 5.0, "gas_total_m3": 9.5},
+    ]
+    msgs = rows([(s, dict(shapes[s % 4])) for s in range(0, 600)])
+    _, whole = await aggregate(msgs)
+    state = str(tmp_path / "agg.sqlite")
+    _, one = await aggregate(msgs[:300], state_path=state)
+    with sqlite3.connect(state) as db:
+        (sets,) = db.execute("SELECT count(*) FROM fieldsets").fetchone()
+    assert sets == 2
+    _, two = await aggregate(msgs[300:], state_path=state)
+    assert final([*one.emitted, *two.emitted]) == final(whole.emitted)
 
 
 async def test_a_field_silent_for_longer_than_late_s_survives_a_restart(tmp_path: Path) -> None:
