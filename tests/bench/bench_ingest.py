@@ -14,9 +14,12 @@ households at 1 Hz), event time one second apart per snapshot, starting in the p
 
 Phases, each on a fresh InfluxDB database and fresh MQTT sessions:
 
-- `compact`: batches of BATCH (30) snapshots a message, as an edge on a metered link
-  sends at 1 Hz (mqtt_out `format: compact`, one message every 30 s): RATE / BATCH
-  messages a second. The headline value: its sustained rate.
+- `compact_over`: batches of BATCH (30) snapshots a message, as an edge on a metered
+  link sends at 1 Hz (mqtt_out `format: compact`, one message every 30 s), offered at
+  OVER (1.2) x RATE: more than the target, so the rate into InfluxDB is what the process
+  sustains rather than what it was given. The headline value.
+- `compact`: the same at RATE (RATE / BATCH messages a second): does it keep up (all
+  written about a second after the end of publishing)?
 - `json`: one snapshot a message (mqtt_out's default format), offered at JSON_RATE
   (2,000 messages/s: the generator's paho clients need about half a core for that, and
   one consumer takes less): what one process takes as single-snapshot messages.
@@ -30,14 +33,15 @@ Phases, each on a fresh InfluxDB database and fresh MQTT sessions:
   message.)
 
 Measured per phase: snapshots/s into `energy` (SELECT count(seq), every second) over the
-steady part (from WARMUP_S to the end of publishing); the vps processes' CPU seconds
-(user + system, psutil, their aggregate worker children included; `vps_main` in the CPU
-shares is the flow's own process without them) per snapshot over the same span; the CPU of the broker, influxd,
-the generator and of everything else on the machine (`others`: other work skews the
-rates); the largest RSS; how far behind the vps was when publishing ended, and the drain
-rate after that. Then every seq of every device is checked present. Also
-`stage_cpu_us_per_snapshot`: each stage's own code timed in this process (see
-stage_costs). FLOWRUN_BENCH_INGEST_PHASES selects phases, FLOWRUN_BENCH_INGEST_S sets the
+steady part (from WARMUP_S to the end of publishing); the vps processes' CPU seconds (user
++ system, psutil, their aggregate worker children included; `vps_main` in the CPU shares
+is the flow's own process without them) per snapshot over the same span; the CPU of the
+broker, influxd, the generator and of everything else on the machine (`others`: other
+work skews the rates); the largest RSS (with the children's); how far behind the vps was
+when publishing ended, and the drain rate after that. Then every seq of every device is
+checked present. Also `stage_cpu_us_per_snapshot`: each stage's own code timed in this
+process (see stage_costs). FLOWRUN_BENCH_INGEST_PHASES selects phases,
+FLOWRUN_BENCH_INGEST_OVER the over-offer of `compact_over`, FLOWRUN_BENCH_INGEST_S the
 publishing time (30), FLOWRUN_BENCH_INGEST_FLOW another flow file to compare tunings,
 FLOWRUN_BENCH_INGEST_PROFILE a directory for a cProfile of each vps process.
 """
@@ -79,13 +83,14 @@ sys.path.insert(0, str(ROOT))
 NAME = "ingest"
 TARGET = 10_000.0
 RATE = float(os.environ.get("FLOWRUN_BENCH_INGEST_RATE", "10000"))
+OVER = float(os.environ.get("FLOWRUN_BENCH_INGEST_OVER", "1.2"))
 RUN_S = float(os.environ.get("FLOWRUN_BENCH_INGEST_S", "30"))
 WARMUP_S = min(8.0, RUN_S / 4)
 DEVICES = int(os.environ.get("FLOWRUN_BENCH_INGEST_DEVICES", "100"))
 BATCH = int(os.environ.get("FLOWRUN_BENCH_INGEST_BATCH", "30"))
 JSON_RATE = float(os.environ.get("FLOWRUN_BENCH_INGEST_JSON_RATE", "2000"))
 PHASES = os.environ.get(
-    "FLOWRUN_BENCH_INGEST_PHASES", "compact,json,compact_raw,compact_2proc"
+    "FLOWRUN_BENCH_INGEST_PHASES", "compact_over,compact,json,compact_raw,compact_2proc"
 ).split(",")
 DRAIN_MAX_S = 90.0
 # another flow file in place of flows/vps.yaml (to compare tunings)
@@ -614,6 +619,7 @@ def measure() -> tuple[float | None, Details]:
             vps = FLOW
             raw = raw_only_flow(d, vps)
             plan = {
+                "compact_over": ([vps], "compact", RATE * OVER),
                 "compact": ([vps], "compact", RATE),
                 "json": ([vps], "json", JSON_RATE),
                 "compact_raw": ([raw], "compact", RATE),
@@ -626,7 +632,7 @@ def measure() -> tuple[float | None, Details]:
             influx.stop()
             broker.stop()
     details["stage_cpu_us_per_snapshot"] = stage_costs()
-    value = details.get("compact_snapshots_per_s")
+    value = details.get("compact_over_snapshots_per_s", details.get("compact_snapshots_per_s"))
     details["ok"] = all(
         details.get(f"{p}_missing") == 0 and details.get(f"{p}_devices_complete") == DEVICES
         for p in PHASES
