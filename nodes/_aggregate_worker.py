@@ -8,12 +8,12 @@ nodes._aggregate_worker`) that runs the same `Aggregate` in its own event loop: 
 windows, state file and timers all live there, so its behaviour is the in-process one.
 
 What crosses the socket: length-prefixed msgpack frames.
-parent -> child: ["rows", field names, [[id, ts_us, seq, values], ...]] (rows whose data
-  have those keys in that order), ["settled", token, ok, reason],
-  ["flush"], ["stop"];
-child -> parent: ["ready"] or ["failed", reason], ["acks", [id, ...], [[id, reason], ...],
-  counters], ["out", token, start_s, data], ["log", level, text], ["error", text], ["flushed"],
-  ["stopped"].
+- parent -> child: ["config", node config JSON, node id, log level] first; then ["rows",
+  field names, [[id, ts_us, seq, values], ...]] (rows whose data have those keys in that
+  order), ["settled", token, ok, reason], ["flush"], ["stop"].
+- child -> parent: ["ready"] or ["failed", reason] first; then ["acks", [id, ...], [[id,
+  reason], ...], counters], ["out", token, start_s, data], ["log", level, text], ["error",
+  text], ["flushed"], ["stopped"].
 
 Acks: an input stays held in the parent until the child settles it (after its state
 commit, as in process); a window the child emits is emitted downstream by the parent with
@@ -126,7 +126,8 @@ class Worker:
         reader, self._writer = await asyncio.open_connection(sock=ours)
         self._generation += 1
         self._ready = loop.create_future()
-        self._writer.write(_pack(["config", self._config, self._ctx.node_id]))
+        level = self._ctx.log.getEffectiveLevel()  # the child logs no more than we would
+        self._writer.write(_pack(["config", self._config, self._ctx.node_id, level]))
         self._reader_task = asyncio.create_task(
             self._read_loop(reader, self._generation), name=f"{self._ctx.node_id}:worker"
         )
@@ -347,11 +348,11 @@ async def _child(fd: int) -> None:
         if not writer.is_closing():
             writer.write(_pack(obj))
 
-    kind, config_json, node_id = await _read(reader)
+    kind, config_json, node_id, level = await _read(reader)
     assert kind == "config"
     log = logging.getLogger("flowrun")
     log.addHandler(_LogFrames(send))
-    log.setLevel(logging.DEBUG)
+    log.setLevel(level)
     log.propagate = False
     config = AggregateConfig.model_validate_json(config_json).model_copy(update={"process": "same"})
     ctx = _ChildContext(node_id, send)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -28,18 +27,22 @@ import pytest
 
 from nodes.aggregate import Aggregate
 from runner import Message
-from runner.engine import Runtime
-from tests import kinds
-from tests.conftest import flow, run_until_done
 from tests.unit.nodectx import Acks, build
 from tests.unit.test_aggregate import (
     aggregate,
     config,
     final,
-    irregular,
     local_midnight,
     rows,
     simulated,
+)
+
+# the in-process tests, run here with the worker (names without test_: not collected twice)
+from tests.unit.test_aggregate import (
+    test_in_the_runner_inputs_are_acked_and_windows_written as in_the_runner,
+)
+from tests.unit.test_aggregate import (
+    test_irregular_rows_over_restarts_give_the_same_windows as over_restarts,
 )
 
 OWN = {"process": "own"}
@@ -74,19 +77,7 @@ async def test_a_worker_makes_the_windows_and_counts_of_the_node_in_process() ->
 async def test_rows_out_of_order_over_restarts_give_the_same_windows(
     seed: int, tmp_path: Path
 ) -> None:
-    msgs = irregular(seed, 1200)
-    _, live = await aggregate(msgs, max_gap_s=120, late_s=1800)
-    state = str(tmp_path / "s.sqlite")
-    emitted: list[Message] = []
-    rnd = random.Random(seed)
-    for i in range(0, len(msgs), 300):
-        part = sorted(msgs[i : i + 300], key=lambda m: m.ts + timedelta(seconds=rnd.uniform(0, 90)))
-        node, ctx = await aggregate(part, state_path=state, max_gap_s=120, late_s=1800, **OWN)
-        assert node.too_late == 0
-        emitted += ctx.emitted
-        for m in ctx.emitted:
-            m.settle_ack()
-    assert final(emitted) == final(live.emitted)
+    await over_restarts(seed, tmp_path, process="own")
 
 
 async def test_inputs_are_acked_after_the_childs_commit(tmp_path: Path) -> None:
@@ -190,26 +181,7 @@ async def test_a_killed_child_loses_nothing(
 
 
 async def test_in_the_runner_with_a_worker_inputs_are_acked_and_windows_written() -> None:
-    spec = flow(
-        """
-        flow: t
-        nodes:
-          src: {type: t_source, count: 50}
-          agg: {type: aggregate, inputs: [src], device_id: dev-1, process: own}
-          out: {type: t_collect, inputs: [agg]}
-        """
-    )
-    rt = Runtime(spec)
-    await run_until_done(rt)
-    assert len(kinds.SETTLED) == 50 and all(ok for ok, _ in kinds.SETTLED.values())
-    got = kinds.COLLECTED["out"]
-    assert {m.data["_measurement"] for m in got} == {
-        "energy_1m",
-        "energy_15m",
-        "energy_1h",
-        "energy_1d",
-    }
-    assert sum(int(m.data["samples"]) for m in got if m.data["_measurement"] == "energy_1d") == 50
+    await in_the_runner(process="own")
 
 
 def test_the_child_of_a_flowrun_killed_with_sigkill_commits_and_ends(tmp_path: Path) -> None:

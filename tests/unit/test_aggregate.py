@@ -332,7 +332,7 @@ async def test_irregular_rows_give_the_same_windows_in_any_order(seed: int) -> N
 
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_irregular_rows_over_restarts_give_the_same_windows(
-    seed: int, tmp_path: Path
+    seed: int, tmp_path: Path, process: str = "same"
 ) -> None:
     msgs = irregular(seed, 1200)
     _, live = await aggregate(msgs, max_gap_s=120, late_s=1800)
@@ -342,7 +342,9 @@ async def test_irregular_rows_over_restarts_give_the_same_windows(
     for i in range(0, len(msgs), 150):
         # each run gets its rows up to 90 s out of order (well within late_s)
         part = sorted(msgs[i : i + 150], key=lambda m: m.ts + timedelta(seconds=rnd.uniform(0, 90)))
-        node, ctx = await aggregate(part, state_path=state, max_gap_s=120, late_s=1800)
+        node, ctx = await aggregate(
+            part, state_path=state, max_gap_s=120, late_s=1800, process=process
+        )
         assert node.too_late == 0
         emitted += ctx.emitted
     assert final(emitted) == final(live.emitted)
@@ -705,14 +707,14 @@ async def test_rows_without_a_device_or_from_the_future_are_errors() -> None:
 # --- in the real runner ---------------------------------------------------------------------------
 
 
-async def test_in_the_runner_inputs_are_acked_and_windows_written() -> None:
+async def test_in_the_runner_inputs_are_acked_and_windows_written(process: str = "same") -> None:
     spec = flow(
-        """
+        f"""
         flow: t
         nodes:
-          src: {type: t_source, count: 50}
-          agg: {type: aggregate, inputs: [src], device_id: dev-1}
-          out: {type: t_collect, inputs: [agg]}
+          src: {{type: t_source, count: 50}}
+          agg: {{type: aggregate, inputs: [src], device_id: dev-1, process: {process}}}
+          out: {{type: t_collect, inputs: [agg]}}
         """
     )
     rt = Runtime(spec)

@@ -18,7 +18,7 @@ import math
 import warnings
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -358,6 +358,30 @@ MESSAGES = st.lists(
 )
 
 
+def assert_same_line(sink: InfluxWrite, old: PointLine, msg: Message) -> None:
+    """The sink writes the reference's line, warns and counts as it does."""
+    with warnings.catch_warnings(record=True) as caught_old:
+        warnings.simplefilter("always")
+        expected = old._line(msg)
+    with warnings.catch_warnings(record=True) as caught_new:
+        warnings.simplefilter("always")
+        assert sink._line(msg) == expected
+    assert [str(w.message) for w in caught_new] == [str(w.message) for w in caught_old]
+    assert sink.dropped_values == old.dropped_values
+    assert sink.ctx.stats.errors == old.mismatches
+    assert sink._types == old._types
+
+
+def sink_of(opts: dict[str, Any]) -> InfluxWrite:
+    """An influx_write node of these options; an example whose options are refused is not
+    one (hypothesis draws another)."""
+    try:
+        sink, _ = build(InfluxWrite, {**SINK, **opts})
+    except ValidationError:
+        assume(False)
+    return cast(InfluxWrite, sink)
+
+
 @EXAMPLES
 @given(
     st.fixed_dictionaries(
@@ -379,24 +403,11 @@ MESSAGES = st.lists(
 def test_influx_write_lines_are_those_of_the_point_based_line(
     opts: dict[str, Any], messages: list[tuple[dict[str, Scalar], int | None, datetime]]
 ) -> None:
-    try:
-        sink, _ = build(InfluxWrite, {**SINK, **opts})
-    except ValidationError:
-        assume(False)
-        return
+    sink = sink_of(opts)
     old = PointLine(sink.config)
     for data, seq, ts in messages:
         msg = Message(ts, "src", data, seq)
-        with warnings.catch_warnings(record=True) as caught_old:
-            warnings.simplefilter("always")
-            expected = old._line(msg)
-        with warnings.catch_warnings(record=True) as caught_new:
-            warnings.simplefilter("always")
-            assert sink._line(msg) == expected
-        assert [str(w.message) for w in caught_new] == [str(w.message) for w in caught_old]
-        assert sink.dropped_values == old.dropped_values
-        assert sink.ctx.stats.errors == old.mismatches
-        assert sink._types == old._types
+        assert_same_line(sink, old, msg)
 
 
 def test_equal_tags_and_measurements_that_print_otherwise_are_not_confused() -> None:
@@ -443,11 +454,7 @@ TYPED_VALUES: list[st.SearchStrategy[Any]] = [
 def test_messages_of_one_signature_make_the_point_based_lines(
     data: st.DataObject, opts: dict[str, Any], keys: list[str]
 ) -> None:
-    try:
-        sink, _ = build(InfluxWrite, {**SINK, **opts})
-    except ValidationError:
-        assume(False)
-        return
+    sink = sink_of(opts)
     old = PointLine(sink.config)
     kinds = [data.draw(st.sampled_from(TYPED_VALUES)) for _ in keys]
     for i in range(data.draw(st.integers(2, 12))):
@@ -458,16 +465,7 @@ def test_messages_of_one_signature_make_the_point_based_lines(
         if opts["measurement_field"] is not None:
             values[opts["measurement_field"]] = data.draw(st.sampled_from(["m1", "m 2"]))
         msg = Message(datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=i), "src", values, i)
-        with warnings.catch_warnings(record=True) as caught_old:
-            warnings.simplefilter("always")
-            expected = old._line(msg)
-        with warnings.catch_warnings(record=True) as caught_new:
-            warnings.simplefilter("always")
-            assert sink._line(msg) == expected
-        assert [str(w.message) for w in caught_new] == [str(w.message) for w in caught_old]
-        assert sink.dropped_values == old.dropped_values
-        assert sink.ctx.stats.errors == old.mismatches
-        assert sink._types == old._types
+        assert_same_line(sink, old, msg)
 
 
 def test_a_snapshot_stream_takes_the_fixed_field_path() -> None:
