@@ -26,11 +26,13 @@ import fnmatch
 import functools
 import operator
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
+
+import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from runner import Scalar
 
@@ -159,7 +161,7 @@ class Cell:
     __slots__ = ("_dts", "cols", "last", "miss", "ts")
 
     def __init__(self) -> None:
-        self.ts: list[int] = []
+        self.ts: array[int] = array("q")  # 8 bytes a row, not an int object and a pointer
         self.cols: dict[str, array[float]] = {}
         self.miss: dict[str, int] = {}
         self.last: dict[str, tuple[int, Scalar]] = {}
@@ -251,7 +253,12 @@ class Cell:
             self._dts = ([d / US for d in diffs], max(diffs, default=0))
         return self._dts
 
-    def readings(self, f: str) -> tuple[list[int], list[float]] | None:
+    def forget_gaps(self) -> None:
+        """Drop the gaps kept for one summary's fields: a closed minute is rarely summed again
+        (a late row), and a minute of them is ~2 kB a device."""
+        self._dts = None
+
+    def readings(self, f: str) -> tuple[Sequence[int], list[float]] | None:
         col = self.cols.get(f)
         if col is None or self.miss[f] == len(col):
             return None
@@ -325,10 +332,20 @@ class Partial:
     def empty(self) -> bool:
         return not self.rows and not self.num and not self.last
 
+    def pack(self) -> bytes:
+        """The summary as msgpack bytes (what the state file stores): a closed window's is kept
+        so, a third of the memory of its objects. Fields in name order, so equal summaries
+        pack the same (but for the sign of a zero)."""
+        return bytes(msgpack.packb(self.dump()))
+
+    @staticmethod
+    def unpack(blob: bytes) -> Partial:
+        return Partial.load(msgpack.unpackb(blob))
+
     def dump(self) -> list[Any]:
         """Plain data for msgpack; `load` gives back an equal Partial."""
-        num = {f: [*st[:LONGS], [list(x) for x in st[LONGS]]] for f, st in self.num.items()}
-        return [self.rows, num, {f: list(tv) for f, tv in self.last.items()}]
+        num = {f: [*st[:LONGS], [list(x) for x in st[LONGS]]] for f, st in sorted(self.num.items())}
+        return [self.rows, num, {f: list(tv) for f, tv in sorted(self.last.items())}]
 
     @staticmethod
     def load(obj: Any) -> Partial:
@@ -446,7 +463,9 @@ class Device:
         self.latest: dict[str, int] = {}  # field -> ts (µs) of its newest reading
         self.carry: dict[str, tuple[int, float]] = {}  # last reading before h0, per field
         self.watermark: int | None = None  # the newest row's ts (µs)
-        self.closed: dict[str, dict[int, Partial]] = {r: {} for r in RESOLUTIONS}
+        # closed windows' summaries, packed (Partial.pack): read back by the few windows that
+        # merge them and by late rows; most are never read again
+        self.closed: dict[str, dict[int, bytes]] = {r: {} for r in RESOLUTIONS}
         self.open_from: dict[str, int] = {}  # res -> start of its first window not closed
         self.h0 = 0  # rows and minute summaries are kept from here (s)
         self.track = False  # note changed summaries (for a state file)
@@ -622,6 +641,8 @@ class Device:
                 st = self._field(f, kind, cell, got, ms, me)
             if st is not None:
                 p.num[f] = st
+        if cell is not None:
+            cell.forget_gaps()
         return None if p.empty() else p
 
     def _passing(self, f: str, kind: str, ms: int, me: int) -> list[Any] | None:
@@ -653,7 +674,7 @@ class Device:
         f: str,
         kind: str,
         cell: Cell,
-        got: tuple[list[int], list[float]],
+        got: tuple[Sequence[int], list[float]],
         ms: int,
         me: int,
     ) -> list[Any]:
@@ -718,9 +739,8 @@ class Device:
     def window(self, res: str, start: int) -> Partial | None:
         """A window's summary from its children's (closed ones as kept, open ones now)."""
         if res == "1m":
-            if start in self.closed["1m"]:
-                return self.closed["1m"][start]
-            return self.minute(start)
+            kept = self.closed["1m"].get(start)
+            return self.minute(start) if kept is None else Partial.unpack(kept)
         cal = self.s.calendar
         child, step = ("1m", 60) if res == "15m" else ("15m", 900)
         end = cal.end(res, start)
@@ -728,7 +748,11 @@ class Device:
         open_from = self.open_from[child]
         parts: list[Partial] = []
         for c in range(start, end, step):
-            part = closed.get(c) if c < open_from else self.window(child, c)
+            if c < open_from:
+                kept = closed.get(c)
+                part = None if kept is None else Partial.unpack(kept)
+            else:
+                part = self.window(child, c)
             if part is not None:
                 parts.append(part)
         return merge(parts)
@@ -829,8 +853,7 @@ class Device:
             if m >= self.open_from["1m"] or m < self.h0:
                 continue
             p = self.minute(m)
-            if p != self.closed["1m"].get(m):
-                self._keep("1m", m, p)
+            if self._keep("1m", m, p):
                 changed.add(m)
                 if p is not None:
                     out.append(("1m", m, p))
@@ -845,20 +868,25 @@ class Device:
             if start >= self.open_from[res]:
                 continue
             p = self.window(res, start)
-            if p != self.closed[res].get(start):
-                self._keep(res, start, p)
+            if self._keep(res, start, p):
                 changed.add(start)
                 if p is not None:
                     out.append((res, start, p))
         return changed
 
-    def _keep(self, res: str, start: int, p: Partial | None) -> None:
-        if p is None:
-            self.closed[res].pop(start, None)
+    def _keep(self, res: str, start: int, p: Partial | None) -> bool:
+        """Keep a closed window's summary: whether it differs from the one kept before."""
+        packed = None if p is None else p.pack()
+        closed = self.closed[res]
+        if packed == closed.get(start):
+            return False
+        if packed is None:
+            del closed[start]
         else:
-            self.closed[res][start] = p
+            closed[start] = packed
         if self.track:
             self.changed_partials.add((res, start))
+        return True
 
     # forgetting -----------------------------------------------------------------------------
 

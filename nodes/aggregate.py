@@ -289,8 +289,9 @@ class Aggregate(Processor[AggregateConfig]):
     windows and acks on, so the flow's event loop keeps its core for the rest of the flow.
 
     Memory: the rows of the last `late_s` (+ max_gap_s and a quarter) per device, as float
-    columns, and the summaries of the open day: about 3 MB per device at one 28-field
-    snapshot a second with the default hour (tests/bench/bench_aggregate.py). Every row of
+    columns, and the closed windows' summaries still needed (packed, as the state file holds
+    them): about 2.1 MB per device at the end of a day of one 28-field snapshot a second
+    with the default hour (tests/bench/bench_aggregate.py, memory_per_device_kb). Every row of
     a device must reach the same aggregate node: server processes that split an MQTT
     shared subscription by message would each see part of a device and overwrite each
     other's windows.
@@ -669,7 +670,7 @@ class Aggregate(Processor[AggregateConfig]):
         ):
             restored = self.devices.get(name)
             if restored is not None:
-                restored.closed[res][int(start)] = Partial.load(msgpack.unpackb(blob))
+                restored.closed[res][int(start)] = bytes(blob)
         now = time.monotonic()
         for name, res, start, blob in await db.execute_fetchall(
             "SELECT device, res, start_s, data FROM outputs"
@@ -726,11 +727,11 @@ class Aggregate(Processor[AggregateConfig]):
                 evict_partials.append((name, res, start))
             changed[name], dev.changed_partials = dev.changed_partials, set()
             for res, start in changed[name]:
-                p = dev.closed[res].get(start)
-                if p is None:
+                packed = dev.closed[res].get(start)
+                if packed is None:
                     del_partials.append((name, res, start))
                 else:
-                    put_partials.append((name, res, start, msgpack.packb(p.dump())))
+                    put_partials.append((name, res, start, packed))
         # rows the horizon has passed meanwhile (a fast replay) are not written at all
         h0_us = {name: dev.h0 * US for name, dev in self.devices.items()}
         fresh = [(d, t, b) for (d, t), b in rows.items() if t >= h0_us.get(d, 0)]

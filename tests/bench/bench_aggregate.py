@@ -9,15 +9,19 @@ one day per day: this is the headroom for a replayed backlog). Also measured: th
 replay into `count` alone (so the aggregate's own share is the difference), the largest
 RSS growth over the RSS before the run (sampled every 50 ms; target <= 40 MB), the windows
 out (1440 + 96 + 24 + 1), and the same day with `state_path` (a SQLite file, every row
-committed), whose time and file size are reported, not judged.
+committed), whose time and file size are reported, not judged; and the memory the node
+holds for the device at the end of the day (tracemalloc, `memory_per_device_kb`): times
+the households, what a server's aggregate needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import sys
 import time
+import tracemalloc
 from array import array
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +31,7 @@ from zoneinfo import ZoneInfo
 from _common import MB, Details, RssSampler, log, main, rnd, tempdir, write_flow
 
 from nodes._household import Household, HouseholdConfig
-from runner import ConsumerConfig, Message, Sink, Source, SourceConfig, node
+from runner import ConsumerConfig, Message, NodeStats, Sink, Source, SourceConfig, node
 from runner.engine import Runtime
 from runner.loader import load_file
 
@@ -189,6 +193,55 @@ def run_flow(directory: Path, text: str, name: str) -> tuple[float, int, int]:
     return elapsed, TOTALS.get(spec.name, 0), sampler.max_rss - base
 
 
+class _Acking:
+    """A NodeContext that acks and forgets what the node emits (a sink that keeps up)."""
+
+    node_id = "windows"
+    flow_name = "bench"
+    vars: dict[str, str] = {}
+    log = logging.getLogger("flowrun.node.windows")
+    stats = NodeStats()
+    flow: Any = None
+
+    async def emit(self, msg: Message) -> None:
+        msg.settle_ack()
+
+    def progress(self) -> None:
+        pass
+
+    def error(self, what: str, exc: BaseException | None = None) -> None:
+        raise AssertionError(f"{what}: {exc}")
+
+
+def memory_per_device_kb() -> float:
+    """What the aggregate holds for one device at the end of the day, by tracemalloc: the
+    rows of the last late_s (and max_gap_s and a quarter), the summaries of the closed
+    minutes and quarters still needed. This, times the households, is the server's memory."""
+    from nodes.aggregate import Aggregate, AggregateConfig
+
+    async def day() -> int:
+        node = Aggregate(AggregateConfig(inputs=["x"], max_future_s=None), _Acking())
+        before = tracemalloc.get_traced_memory()[0]
+        n = len(FIELDS)
+        values = THE_DAY.values
+        for i, ts in enumerate(THE_DAY.ts):
+            data: dict[str, Any] = dict(zip(FIELDS, values[i * n : (i + 1) * n], strict=True))
+            data["device_id"] = "home-01"
+            data["tariff"] = THE_DAY.tariff[i]
+            data["inverter_state"] = THE_DAY.state[i]
+            await node.process(Message(ts, "x", data))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert node.devices and not node._outs
+        return held
+
+    tracemalloc.start()
+    try:
+        return asyncio.run(day()) / 1024
+    finally:
+        tracemalloc.stop()
+
+
 def measure() -> tuple[float | None, Details]:
     t0 = time.perf_counter()
     THE_DAY.fill()
@@ -201,10 +254,12 @@ def measure() -> tuple[float | None, Details]:
             d, flow_text(True, state).replace("bench_aggregate", "bench_state"), "state"
         )
         state_kb = sum(p.stat().st_size for p in d.glob("agg-state.sqlite*")) / 1024
+    per_device_kb = memory_per_device_kb()
     log(
         NAME,
         f"replay alone {replay_s:.2f} s, with aggregate {agg_s:.2f} s "
-        f"(+{growth / MB:.1f} MB RSS), with a state file {state_s:.2f} s",
+        f"(+{growth / MB:.1f} MB RSS), with a state file {state_s:.2f} s; "
+        f"{per_device_kb:.0f} kB held for the device at the end of the day",
     )
     rss_mb = growth / MB
     ok = replayed == 86400 and windows == state_windows == 1561 and rss_mb <= RSS_TARGET_MB
@@ -221,6 +276,8 @@ def measure() -> tuple[float | None, Details]:
         "state_file_kb_at_end": rnd(state_kb, 0),
         "snapshots": replayed,
         "fields": len(FIELDS) + 2,
+        "memory_per_device_kb": rnd(per_device_kb, 0),
+        "households_per_gb": round(MB * 1024 / (per_device_kb * 1024)),
     }
 
 

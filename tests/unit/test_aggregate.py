@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 import nodes.aggregate
 from nodes._household import BRUSSELS, Household, HouseholdConfig, Snapshot
-from nodes._windows import Classifier
+from nodes._windows import Classifier, Partial
 from nodes.aggregate import Aggregate
 from runner import Backoff, Message, Scalar
 from runner.engine import Runtime
@@ -577,6 +577,17 @@ async def test_a_nacked_window_is_sent_again() -> None:
         assert len(ctx.emitted) == 2
     finally:
         await node.stop()
+
+
+def test_a_summary_packs_the_same_whatever_the_order_of_its_fields() -> None:
+    # closed windows are kept packed and compared packed: equal summaries must pack equal
+    a = [3, 6.0, 1.0, 3.0, 10, 1.0, 30, 3.0, 120.0, 60.0, 0.0, ((5, 0.25),)]
+    b = [2, 1.5, 0.5, 1.0, 10, 0.5, 20, 1.0, 40.0, 60.0, 2.0, ()]
+    one = Partial(5, {"x_w": a, "y_kwh": b}, {"s": (7, "on"), "t": (9, 2)})
+    two = Partial(5, {"y_kwh": list(b), "x_w": list(a)}, {"t": (9, 2), "s": (7, "on")})
+    assert one == two and one.pack() == two.pack()
+    assert Partial.unpack(one.pack()) == one
+    assert Partial(5, {"x_w": [*a[:3], 4.0, *a[4:]]}).pack() != one.pack()
 
 
 def test_a_state_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
