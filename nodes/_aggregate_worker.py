@@ -388,7 +388,10 @@ async def _child(fd: int) -> None:
     send(["ready"])
     try:
         while True:
-            frame = await _read(reader)
+            try:
+                frame = await _read(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # the parent is gone (killed): commit what there is and end
             kind = frame[0]
             if kind == "rows":
                 keys = frame[1]

@@ -23,6 +23,7 @@ import sys
 import time
 import tracemalloc
 from array import array
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,15 @@ class Day:
             self.tariff.append(s.tariff)
             s = h.advance(1)
 
+    def data(self, i: int) -> dict[str, Any]:
+        """The i-th snapshot as the edge sends it."""
+        n = len(FIELDS)
+        data: dict[str, Any] = dict(zip(FIELDS, self.values[i * n : (i + 1) * n], strict=True))
+        data["device_id"] = "home-01"
+        data["tariff"] = self.tariff[i]
+        data["inverter_state"] = self.state[i]
+        return data
+
 
 THE_DAY = Day()
 
@@ -129,15 +139,8 @@ class Replay(Source[ReplayConfig]):
     """Emits the generated day, one message per snapshot, as fast as the flow takes them."""
 
     async def run(self) -> None:
-        day = THE_DAY
-        n = len(FIELDS)
-        values = day.values
-        for i, ts in enumerate(day.ts):
-            data: dict[str, Any] = dict(zip(FIELDS, values[i * n : (i + 1) * n], strict=True))
-            data["device_id"] = "home-01"
-            data["tariff"] = day.tariff[i]
-            data["inverter_state"] = day.state[i]
-            await self.emit(Message(ts, self.ctx.node_id, data))
+        for i, ts in enumerate(THE_DAY.ts):
+            await self.emit(Message(ts, self.ctx.node_id, THE_DAY.data(i)))
 
 
 class TotalConfig(ConsumerConfig):
@@ -198,7 +201,7 @@ class _Acking:
 
     node_id = "windows"
     flow_name = "bench"
-    vars: dict[str, str] = {}
+    vars: Mapping[str, str] = {}
     log = logging.getLogger("flowrun.node.windows")
     stats = NodeStats()
     flow: Any = None
@@ -222,14 +225,8 @@ def memory_per_device_kb() -> float:
     async def day() -> int:
         node = Aggregate(AggregateConfig(inputs=["x"], max_future_s=None), _Acking())
         before = tracemalloc.get_traced_memory()[0]
-        n = len(FIELDS)
-        values = THE_DAY.values
         for i, ts in enumerate(THE_DAY.ts):
-            data: dict[str, Any] = dict(zip(FIELDS, values[i * n : (i + 1) * n], strict=True))
-            data["device_id"] = "home-01"
-            data["tariff"] = THE_DAY.tariff[i]
-            data["inverter_state"] = THE_DAY.state[i]
-            await node.process(Message(ts, "x", data))
+            await node.process(Message(ts, "x", THE_DAY.data(i)))
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
         assert node.devices and not node._outs

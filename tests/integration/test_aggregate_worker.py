@@ -223,6 +223,7 @@ nodes:
         proc.kill()
         proc.wait(10)
         child.wait(10)  # raises TimeoutExpired if the orphan lives on
+        assert "Traceback" not in (tmp_path / "err").read_text()  # it ended as it should
     finally:
         if proc.poll() is None:
             proc.kill()
