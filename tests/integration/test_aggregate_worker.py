@@ -27,6 +27,8 @@ import pytest
 
 from nodes.aggregate import Aggregate
 from runner import Message
+from runner.engine import Runtime
+from tests.conftest import flow
 from tests.unit.nodectx import Acks, build
 from tests.unit.test_aggregate import (
     aggregate,
@@ -57,7 +59,8 @@ def with_acks(msgs: list[Message], acks: Acks, prefix: str = "") -> list[Message
 
 async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while not cond() and time.monotonic() < deadline:
+    while not cond():
+        assert time.monotonic() < deadline, "not in time"
         await asyncio.sleep(0.02)
 
 
@@ -232,3 +235,62 @@ nodes:
     with sqlite3.connect(state) as db:
         (n,) = db.execute("SELECT count(*) FROM rows WHERE device = 'd-1'").fetchone()
     assert n > 20
+
+
+async def test_a_reload_that_changes_the_node_replaces_its_child(tmp_path: Path) -> None:
+    """Hot reload: the old child commits and ends, the new one goes on from the state file."""
+    state = tmp_path / "agg.sqlite"
+    text = f"""
+flow: f
+nodes:
+  gen:
+    type: generate
+    interval_s: 0.005
+    fields: {{grid_power_w: "i"}}
+  agg:
+    type: aggregate
+    inputs: [gen]
+    device_id: d-1
+    state_path: {state}
+    commit_interval_s: 0.1
+    process: own
+"""
+    rt = Runtime(flow(text), stop_deadline_s=5)
+    task = asyncio.create_task(rt.run())
+
+    def workers() -> list[psutil.Process]:
+        """This process's aggregate workers (the suite's services are its children too)."""
+        out = []
+        for child in psutil.Process().children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and any(
+                    "nodes._aggregate_worker" in arg for arg in child.cmdline()
+                ):
+                    out.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def stored() -> int:
+        with sqlite3.connect(state) as db:
+            (n,) = db.execute("SELECT count(*) FROM rows").fetchone()
+        return int(n)
+
+    try:
+        await rt.started.wait()
+        await until(lambda: state.exists() and stored() >= 50)
+        (first,) = workers()
+        report = await rt.apply(
+            flow(text.replace("commit_interval_s: 0.1", "commit_interval_s: 0.2"))
+        )
+        assert report.restarted == ["agg"] and report.unchanged == ["gen"]
+        await until(lambda: first not in workers())
+        (second,) = workers()
+        assert second.pid != first.pid
+        at_reload = stored()
+        await until(lambda: stored() >= at_reload + 50)
+        assert rt.stats()["agg"]["errors"] == 0
+    finally:
+        rt.request_stop()
+        await asyncio.wait_for(task, timeout=15)
+    assert workers() == []
