@@ -56,13 +56,18 @@ class WorkerError(RuntimeError):
     """The child process failed to start or ended."""
 
 
+_PACKER = msgpack.Packer()
+_packb = _PACKER.pack
+_ROWS = _packb("rows")
+
+
 def _frame(*parts: bytes) -> bytes:
     size = sum(map(len, parts))
     return size.to_bytes(_HEAD, "big") + b"".join(parts)
 
 
 def _pack(obj: Any) -> bytes:
-    return _frame(msgpack.packb(obj))
+    return _frame(_packb(obj))
 
 
 async def _read(reader: asyncio.StreamReader) -> Any:
@@ -70,11 +75,6 @@ async def _read(reader: asyncio.StreamReader) -> Any:
     if size > MAX_FRAME:
         raise WorkerError(f"a frame of {size} bytes")
     return msgpack.unpackb(await reader.readexactly(size), raw=False, strict_map_key=False)
-
-
-_PACKER = msgpack.Packer()
-_packb = _PACKER.pack
-_ROWS = _packb("rows")
 
 
 # the parent's end -----------------------------------------------------------------------------

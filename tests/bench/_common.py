@@ -330,6 +330,23 @@ def machine_speed_us() -> float:
     return round(min(timer.repeat(7, 2000)) / 2000 * 1e6, 2)
 
 
+def cpu_s(p: psutil.Process) -> float:
+    """CPU seconds (user + system) of one process so far; psutil.Error if it is gone."""
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+def cpu_with_children(p: psutil.Process) -> float:
+    """CPU seconds of a process and of its children, living (an aggregate worker) or ended
+    and waited for; psutil.Error if the process itself is gone."""
+    t = p.cpu_times()
+    total = float(t.user + t.system + t.children_user + t.children_system)
+    for kid in p.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # ended meanwhile: in children_* once waited
+            total += cpu_s(kid)
+    return total
+
+
 def cpu_ticks() -> tuple[int, int]:
     """(all, stolen) CPU ticks of the machine so far: the hypervisor's steal shows a VM
     that got less of the host than its cores (0, 0 where /proc/stat has no steal)."""

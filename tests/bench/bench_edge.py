@@ -32,6 +32,7 @@ from _common import (
     Details,
     RssSampler,
     child_env,
+    cpu_s,
     flowrun_cmd,
     log,
     main,
@@ -57,11 +58,6 @@ WARMUP_S = min(10.0, EDGE_S / 4)
 LOG_EVERY_S = 10
 RSS_TARGET_MB = 50.0
 CPU_TARGET_PCT = 0.3
-
-
-def cpu_s(p: psutil.Process) -> float:
-    t = p.cpu_times()
-    return float(t.user + t.system)
 
 
 def measure() -> tuple[float | None, Details]:

@@ -19,6 +19,7 @@ from _common import (
     MB,
     Details,
     RssSampler,
+    cpu_s,
     flowrun_cmd,
     log,
     main,
@@ -58,11 +59,6 @@ FLOW = """
         type: debug
         inputs: [metrics]
 """
-
-
-def cpu_s(p: psutil.Process) -> float:
-    t = p.cpu_times()
-    return float(t.user + t.system)
 
 
 def measure() -> tuple[float | None, Details]:

@@ -48,6 +48,7 @@ FLOWRUN_BENCH_INGEST_PROFILE a directory for a cProfile of each vps process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -68,6 +69,8 @@ from _common import (
     ROOT,
     Details,
     Lines,
+    cpu_s,
+    cpu_with_children,
     flowrun_cmd,
     log,
     main,
@@ -389,32 +392,6 @@ def count_rows(influx: Any, db: str) -> int:
 # one phase ---------------------------------------------------------------------------------------
 
 
-def cpu_with_children(p: psutil.Process) -> float:
-    """CPU seconds of a process and of its children, living (an aggregate worker) or ended."""
-    total = 0.0
-    try:
-        t = p.cpu_times()
-        total += t.user + t.system + t.children_user + t.children_system
-        kids = p.children(recursive=True)
-    except psutil.Error:
-        return total
-    for kid in kids:
-        try:
-            t = kid.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass  # ended meanwhile: counted in children_* once it is waited for
-    return total
-
-
-def own_cpu(p: psutil.Process) -> float:
-    try:
-        t = p.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(t.user + t.system)
-
-
 class CpuMeter:
     """CPU seconds (user + system) of named processes and of the whole machine."""
 
@@ -427,10 +404,14 @@ class CpuMeter:
             total = 0.0
             for p in procs:
                 # the vps's children are its aggregate workers; the bench's are all the others
-                total += cpu_with_children(p) if name == "vps" else own_cpu(p)
+                with contextlib.suppress(psutil.Error):
+                    total += cpu_with_children(p) if name == "vps" else cpu_s(p)
             out[name] = total
         # of which the vps processes themselves, without their aggregate workers
-        out["vps_main"] = sum(own_cpu(p) for p in self.procs["vps"])
+        out["vps_main"] = 0.0
+        for p in self.procs["vps"]:
+            with contextlib.suppress(psutil.Error):
+                out["vps_main"] += cpu_s(p)
         m = psutil.cpu_times()
         out["machine"] = m.user + m.nice + m.system + m.irq + m.softirq + m.steal
         return out

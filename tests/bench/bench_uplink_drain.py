@@ -47,6 +47,7 @@ from typing import Any
 from _common import (
     ROOT,
     Details,
+    cpu_s,
     flowrun_cmd,
     log,
     main,
@@ -389,10 +390,9 @@ def _cpu_s(pid: int) -> float | None:
     import psutil
 
     try:
-        t = psutil.Process(pid).cpu_times()
+        return cpu_s(psutil.Process(pid))
     except psutil.Error:
         return None
-    return float(t.user + t.system)
 
 
 def measure() -> tuple[float | None, Details]:

@@ -187,17 +187,14 @@ async def test_in_the_runner_with_a_worker_inputs_are_acked_and_windows_written(
     await in_the_runner(process="own")
 
 
-def test_the_child_of_a_flowrun_killed_with_sigkill_commits_and_ends(tmp_path: Path) -> None:
-    """No orphan keeps the state file: the child sees its socket close, commits, exits."""
-    state = tmp_path / "agg.sqlite"
-    flow_file = tmp_path / "f.yaml"
-    flow_file.write_text(
-        f"""
+def generated_rows_flow(state: Path, interval_s: float) -> str:
+    """A flow of generated rows of device d-1 into an aggregate in its own process."""
+    return f"""
 flow: t
 nodes:
   gen:
     type: generate
-    interval_s: 0.01
+    interval_s: {interval_s}
     fields: {{grid_power_w: "i"}}
   agg:
     type: aggregate
@@ -207,7 +204,20 @@ nodes:
     commit_interval_s: 0.1
     process: own
 """
-    )
+
+
+def stored_rows(state: Path) -> int:
+    """Rows of d-1 committed to the aggregate's state file."""
+    with sqlite3.connect(state) as db:
+        (n,) = db.execute("SELECT count(*) FROM rows WHERE device = 'd-1'").fetchone()
+    return int(n)
+
+
+def test_the_child_of_a_flowrun_killed_with_sigkill_commits_and_ends(tmp_path: Path) -> None:
+    """No orphan keeps the state file: the child sees its socket close, commits, exits."""
+    state = tmp_path / "agg.sqlite"
+    flow_file = tmp_path / "f.yaml"
+    flow_file.write_text(generated_rows_flow(state, interval_s=0.01))
     err = open(tmp_path / "err", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "runner.cli", "run", str(flow_file), "--no-reload"],
@@ -232,29 +242,13 @@ nodes:
             proc.kill()
             proc.wait(10)
         err.close()
-    with sqlite3.connect(state) as db:
-        (n,) = db.execute("SELECT count(*) FROM rows WHERE device = 'd-1'").fetchone()
-    assert n > 20
+    assert stored_rows(state) > 20
 
 
 async def test_a_reload_that_changes_the_node_replaces_its_child(tmp_path: Path) -> None:
     """Hot reload: the old child commits and ends, the new one goes on from the state file."""
     state = tmp_path / "agg.sqlite"
-    text = f"""
-flow: f
-nodes:
-  gen:
-    type: generate
-    interval_s: 0.005
-    fields: {{grid_power_w: "i"}}
-  agg:
-    type: aggregate
-    inputs: [gen]
-    device_id: d-1
-    state_path: {state}
-    commit_interval_s: 0.1
-    process: own
-"""
+    text = generated_rows_flow(state, interval_s=0.005)
     rt = Runtime(flow(text), stop_deadline_s=5)
     task = asyncio.create_task(rt.run())
 
@@ -271,14 +265,9 @@ nodes:
                 pass
         return out
 
-    def stored() -> int:
-        with sqlite3.connect(state) as db:
-            (n,) = db.execute("SELECT count(*) FROM rows").fetchone()
-        return int(n)
-
     try:
         await rt.started.wait()
-        await until(lambda: state.exists() and stored() >= 50)
+        await until(lambda: state.exists() and stored_rows(state) >= 50)
         (first,) = workers()
         report = await rt.apply(
             flow(text.replace("commit_interval_s: 0.1", "commit_interval_s: 0.2"))
@@ -287,8 +276,8 @@ nodes:
         await until(lambda: first not in workers())
         (second,) = workers()
         assert second.pid != first.pid
-        at_reload = stored()
-        await until(lambda: stored() >= at_reload + 50)
+        at_reload = stored_rows(state)
+        await until(lambda: stored_rows(state) >= at_reload + 50)
         assert rt.stats()["agg"]["errors"] == 0
     finally:
         rt.request_stop()
