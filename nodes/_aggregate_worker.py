@@ -49,7 +49,7 @@ _HEAD = 4  # bytes of a frame's length
 MAX_FRAME = 64 * 2**20
 # rows sent but not settled at which the input waits: the child's own pending limit
 MAX_HELD = 20_000
-COUNTERS = ("rows", "duplicates", "too_late", "windows", "reemitted")
+COUNTERS = ("rows", "duplicates", "too_late", "windows", "reemitted", "paged_in")
 
 
 class WorkerError(RuntimeError):

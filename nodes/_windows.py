@@ -10,6 +10,12 @@ arrived in. Longer windows are merged from shorter ones in time order: 15 min fr
 whole quarters: 92, 96 or 100). A late row makes the minutes it touches and their parents
 be computed again; only windows whose value changed are emitted again.
 
+Memory. With a state file, rows and minute summaries older than a few minutes are paged
+out (`page_out`): the file holds them, and a row late enough to need them pages them back
+in (`page_in`) first. What stays in memory is what in-order rows touch: the rows since
+watermark - grace - max_gap - RESIDENT_S, the minute summaries from that quarter on, the
+quarters and hours still to be merged, and per field its last reading before the rows kept.
+
 Between two consecutive readings of a field at most `max_gap` apart the field is taken as
 linear: a gauge's time-weighted average is the trapezoid integral over the covered time,
 and a counter's increment is split between windows in proportion to time (that is the
@@ -79,6 +85,10 @@ STATS: dict[Kind, tuple[str, ...]] = {
     "last": ("last",),
     "ignore": (),
 }
+
+# rows are kept in memory this long before the oldest an in-order row can touch (watermark
+# - grace - max_gap): a redelivery a little late (a reconnect, a lost PUBACK) needs no page-in
+RESIDENT_S = 120
 
 NAN = float("nan")
 US = 1_000_000
@@ -462,6 +472,13 @@ class Device:
         self.kinds: dict[str, Kind] = {}  # numeric fields seen
         self.latest: dict[str, int] = {}  # field -> ts (µs) of its newest reading
         self.carry: dict[str, tuple[int, float]] = {}  # last reading before h0, per field
+        # rows and minute summaries in [h0, m0) are paged out (only in the state file), the
+        # minute summaries from m0's quarter on; m0 == h0 when nothing is
+        self.m0 = 0
+        self.mcarry: dict[str, tuple[int, float]] = {}  # last reading before m0, per field
+        # per quarter in [h0, m0): the last reading of each field in its paged-out rows, so
+        # that carry follows h0 over rows no longer in memory
+        self.qlast: dict[int, dict[str, tuple[int, float]]] = {}
         self.watermark: int | None = None  # the newest row's ts (µs)
         # closed windows' summaries, packed (Partial.pack): read back by the few windows that
         # merge them and by late rows; most are never read again
@@ -487,8 +504,7 @@ class Device:
         if wm is None:
             self._begin(ts)
             wm = ts
-        elif ts < wm - s.late_us or ts - s.gap_us < (self.h0 + 900) * US:
-            # the second test only bites after late_s grew over a state file's rows
+        elif self.too_late(ts):
             return "too_late", []
         m = ts // US
         m -= m % 60
@@ -531,6 +547,12 @@ class Device:
                     extra.append(nxt[0] // US - nxt[0] // US % 60)
         return status, self._closed_between(lo, hi, extra)
 
+    def too_late(self, ts: int) -> bool:
+        wm = self.watermark
+        s = self.s
+        # the second test only bites after late_s grew over a state file's rows
+        return wm is not None and (ts < wm - s.late_us or ts - s.gap_us < (self.h0 + 900) * US)
+
     def restore_row(
         self, ts: int, values: Mapping[str, float], lasts: Mapping[str, Scalar]
     ) -> None:
@@ -547,6 +569,19 @@ class Device:
             cell = self.cells[m] = Cell()
         cell.insert(ts, values, lasts)
 
+    def restore_paged_row(self, ts: int, values: Mapping[str, float]) -> None:
+        """A row of the state file below m0 (read in time order): what it leaves in memory."""
+        q = ts // US - ts // US % 900
+        lasts = self.qlast.get(q)
+        if lasts is None:
+            lasts = self.qlast[q] = {}
+        for f, v in values.items():
+            if f not in self.kinds:
+                self.kinds[f] = self.s.classify(f)
+            if self.latest.get(f, -1) < ts:
+                self.latest[f] = ts
+            lasts[f] = self.mcarry[f] = (ts, v)
+
     def restored(self) -> None:
         """After the rows: fields known only by their reading before h0 count too."""
         for f, (t, _) in self.carry.items():
@@ -560,7 +595,7 @@ class Device:
         limit = (ts - self.s.grace_us) // US
         for res in RESOLUTIONS:
             self.open_from[res] = self.s.calendar.start(res, limit)
-        self.h0 = self._horizon(ts)
+        self.h0 = self.m0 = self._horizon(ts)
 
     def _closed_between(self, lo: int, hi: int, extra: Iterable[int]) -> list[int]:
         first = lo // US - lo // US % 60
@@ -583,7 +618,7 @@ class Device:
                     if v == v:
                         t = cell.ts[j]
                         return (t, v) if not_before is None or t >= not_before else None
-        floor = self.h0 if not_before is None else max(self.h0, not_before // US - 60)
+        floor = self.m0 if not_before is None else max(self.m0, not_before // US - 60)
         m -= 60
         while m >= floor:
             cell = self.cells.get(m)
@@ -592,7 +627,7 @@ class Device:
                 if r is not None:
                     return r if not_before is None or r[0] >= not_before else None
             m -= 60
-        r = self.carry.get(f)
+        r = self.mcarry.get(f)
         if r is not None and r[0] < ts and (not_before is None or r[0] >= not_before):
             return r
         return None
@@ -907,6 +942,8 @@ class Device:
         h0 = self._horizon(self.watermark)
         if h0 <= self.h0:
             return
+        for q in sorted(k for k in self.qlast if k < h0):  # older than the cells
+            self.carry.update(self.qlast.pop(q))
         for m in sorted(k for k in self.cells if k < h0):
             cell = self.cells.pop(m)
             for f in cell.cols:
@@ -914,7 +951,63 @@ class Device:
                 if r is not None:
                     self.carry[f] = r
         self.h0 = h0
+        if self.m0 <= h0:
+            self.m0 = h0
+            self.mcarry = dict(self.carry)
         for res, start in self.keep_from().items():
             closed = self.closed[res]
             for k in [k for k in closed if k < start]:
                 del closed[k]
+
+    # paging (with a state file) -------------------------------------------------------------
+
+    def needs_page_in(self, ts: int) -> bool:
+        """Whether a row at ts touches rows or minute summaries that are paged out."""
+        return self.m0 > self.h0 and (ts - self.s.gap_us) // US < self.m0 and not self.too_late(ts)
+
+    def resident_from(self) -> int:
+        """The m0 the watermark allows: what an in-order row can touch, and RESIDENT_S more."""
+        if self.watermark is None:
+            return self.m0
+        ref = (self.watermark - self.s.grace_us - self.s.gap_us) // US - RESIDENT_S
+        return max(self.m0, self.h0, ref - ref % 60)
+
+    def page_out(self) -> None:
+        """Forget the rows below resident_from() and the minute summaries below its quarter,
+        but those changed since the last commit: the caller has just committed the rest."""
+        m0 = self.resident_from()
+        if m0 <= self.m0:
+            return
+        qlast = self.qlast
+        for m in sorted(k for k in self.cells if k < m0):
+            cell = self.cells.pop(m)
+            q = m - m % 900
+            lasts = qlast.get(q)
+            if lasts is None:
+                lasts = qlast[q] = {}
+            for f in cell.cols:
+                r = cell.last_reading(f)
+                if r is not None:
+                    lasts[f] = self.mcarry[f] = r
+        p0 = m0 - m0 % 900
+        closed, changed = self.closed["1m"], self.changed_partials
+        for k in [k for k in closed if k < p0 and ("1m", k) not in changed]:
+            del closed[k]
+        self.m0 = m0
+
+    def page_in(
+        self,
+        rows: Iterable[tuple[int, Mapping[str, float], Mapping[str, Scalar]]],
+        minutes: Mapping[int, bytes],
+    ) -> None:
+        """Take back what page_out left to the state file: the rows in [h0, m0) and the
+        minute summaries below m0's quarter (those in memory, or changed, are newer)."""
+        for ts, values, lasts in rows:
+            self.restore_row(ts, values, lasts)
+        closed, changed = self.closed["1m"], self.changed_partials
+        for m, blob in minutes.items():
+            if m not in closed and ("1m", m) not in changed:
+                closed[m] = blob
+        self.m0 = self.h0
+        self.mcarry = dict(self.carry)
+        self.qlast.clear()

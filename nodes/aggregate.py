@@ -50,6 +50,9 @@ MAX_FIELDSETS = 1_000
 # with a state file: the input waits for a commit once this many rows are pending, so that
 # a replayed backlog does not pile up unacknowledged in memory
 MAX_PENDING_ROWS = 20_000
+# a device whose paged-out rows were read back keeps them this long (by the clock) before
+# they are paged out again: a redelivered batch of old rows reads the file once, not per row
+PAGE_HOLD_S = 60.0
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -109,8 +112,9 @@ class AggregateConfig(ConsumerConfig):
         allow_inf_nan=False,
         description=(
             "Rows up to this much older than their device's newest row still land in their "
-            "windows, which are emitted again, corrected (the rows are kept in memory that "
-            "long). Older rows are counted (`too_late`) and left out."
+            "windows, which are emitted again, corrected (the rows are kept that long: in "
+            "memory, or with state_path in the file). Older rows are counted (`too_late`) "
+            "and left out."
         ),
     )
     max_gap_s: float = Field(
@@ -288,10 +292,14 @@ class Aggregate(Processor[AggregateConfig]):
     own (nodes/_aggregate_worker.py); the node in the flow forwards the rows and passes the
     windows and acks on, so the flow's event loop keeps its core for the rest of the flow.
 
-    Memory: the rows of the last `late_s` (+ max_gap_s and a quarter) per device, as float
-    columns, and the closed windows' summaries still needed (packed, as the state file holds
-    them): about 2.1 MB per device at the end of a day of one 28-field snapshot a second
-    with the default hour (tests/bench/bench_aggregate.py, memory_per_device_kb). Every row of
+    Memory: without `state_path`, the rows of the last `late_s` (+ max_gap_s and a quarter)
+    per device, as float columns, and the closed windows' summaries still needed (packed, as
+    the state file holds them): about 2.1 MB per device at the end of a day of one 28-field
+    snapshot a second with the default hour. With it, each commit pages out to the file the
+    rows and minute summaries that in-order rows no longer touch (older than max_gap_s +
+    grace_s + 2 min), and a row later than that reads them back first (`paged_in` counts
+    the rows read; a device keeps them a minute): about 0.5 MB per device at the end of the
+    day (tests/bench/bench_aggregate.py, memory_per_device_kb). Every row of
     a device must reach the same aggregate node: server processes that split an MQTT
     shared subscription by message would each see part of a device and overwrite each
     other's windows.
@@ -326,6 +334,7 @@ class Aggregate(Processor[AggregateConfig]):
         # not committed yet: a row is stored as its values only, about 40 % of its size
         # with names, which is most of what SQLite writes a row
         self._fieldsets: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}
+        self._fieldset_names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._new_fieldsets: list[tuple[int, bytes]] = []
         self._held: list[Ack] = []
         self._dirty: set[str] = set()
@@ -335,12 +344,14 @@ class Aggregate(Processor[AggregateConfig]):
         self._idler: asyncio.Task[None] | None = None
         self._seen: dict[str, float] = {}  # device -> monotonic time of its last row
         self._idle_at: dict[str, int] = {}  # device -> watermark whose open windows went out
+        self._hold: dict[str, float] = {}  # device -> monotonic time until which not paged out
         # counters
         self.rows = 0
         self.duplicates = 0
         self.too_late = 0
         self.windows = 0
         self.reemitted = 0
+        self.paged_in = 0  # rows read back from the state file for a late row
         self._worker = (
             Worker(config.model_dump_json(), ctx, self._counted)
             if config.process == "own"
@@ -431,6 +442,8 @@ class Aggregate(Processor[AggregateConfig]):
         if dev is None:
             dev = self.devices[device] = Device(device, self._settings)
             dev.track = self.config.state_path is not None
+        if dev.m0 > dev.h0 and dev.needs_page_in(ts):
+            await self._page_in(dev)
         before = dev.watermark
         status, minutes = dev.add(ts, values, lasts)
         if status == "same":
@@ -473,8 +486,44 @@ class Aggregate(Processor[AggregateConfig]):
             if len(self._fieldsets) >= MAX_FIELDSETS:
                 return bytes(msgpack.packb([values, lasts]))
             fieldset = self._fieldsets[names] = len(self._fieldsets) + 1
+            self._fieldset_names[fieldset] = names
             self._new_fieldsets.append((fieldset, msgpack.packb([list(n) for n in names])))
         return bytes(msgpack.packb([fieldset, [*values.values()], [*lasts.values()]]))
+
+    def _row(self, blob: bytes) -> tuple[dict[str, float], dict[str, Scalar]]:
+        """A row of the state file: (numbers, `last` values)."""
+        row = msgpack.unpackb(blob)
+        if isinstance(row[0], dict):  # with its names (schema 1, or a set beyond the cap)
+            return row[0], row[1]
+        numbers, lasts = self._fieldset_names[row[0]]
+        return dict(zip(numbers, row[1], strict=True)), dict(zip(lasts, row[2], strict=True))
+
+    async def _page_in(self, dev: Device) -> None:
+        """Read back what page_out left to the state file, for a row that needs it."""
+        async with self._commit_lock:  # no commit between the read and the device
+            db = self._db
+            if db is None or dev.m0 <= dev.h0:
+                return
+            lo, hi = dev.h0 * US, dev.m0 * US
+            blobs = {
+                int(ts): bytes(blob)
+                for ts, blob in await db.execute_fetchall(
+                    "SELECT ts_us, data FROM rows WHERE device = ? AND ts_us >= ? AND ts_us < ?",
+                    (dev.name, lo, hi),
+                )
+            }
+            blobs |= {t: b for (d, t), b in self._rows.items() if d == dev.name and lo <= t < hi}
+            minutes = {
+                int(start): bytes(blob)
+                for start, blob in await db.execute_fetchall(
+                    "SELECT start_s, data FROM partials "
+                    "WHERE device = ? AND res = '1m' AND start_s >= ? AND start_s < ?",
+                    (dev.name, dev.h0, dev.m0 - dev.m0 % 900),
+                )
+            }
+            dev.page_in(((t, *self._row(blobs[t])) for t in sorted(blobs)), minutes)
+            self._hold[dev.name] = time.monotonic() + PAGE_HOLD_S
+            self.paged_in += len(blobs)
 
     def _too_late(self, dev: Device, ts: datetime) -> None:
         self.too_late += 1
@@ -648,28 +697,30 @@ class Aggregate(Processor[AggregateConfig]):
             dev.h0 = int(h0)
             dev.open_from = {str(k): int(v) for k, v in msgpack.unpackb(open_from).items()}
             dev.carry = {str(f): (int(t), float(v)) for f, (t, v) in msgpack.unpackb(carry).items()}
-        names: dict[int, tuple[list[str], list[str]]] = {}
         for fieldset, blob in await db.execute_fetchall("SELECT id, names FROM fieldsets"):
             numbers, lasts = msgpack.unpackb(blob)
-            names[int(fieldset)] = (numbers, lasts)
-            self._fieldsets[(tuple(numbers), tuple(lasts))] = int(fieldset)
+            names = (tuple(numbers), tuple(lasts))
+            self._fieldset_names[int(fieldset)] = names
+            self._fieldsets[names] = int(fieldset)
+        # what is older than a device's resident_from() stays in the file (paged out), but
+        # for the last reading of each field it leaves
+        for dev in self.devices.values():
+            dev.mcarry = dict(dev.carry)
+            dev.m0 = dev.resident_from()
         async with db.execute("SELECT device, ts_us, data FROM rows ORDER BY device, ts_us") as cur:
             async for name, ts, blob in cur:
                 restored = self.devices.get(name)
                 if restored is not None:
-                    row = msgpack.unpackb(blob)
-                    if isinstance(row[0], dict):  # with its names (schema 1, or a rare set)
-                        values, lasts = row
+                    values, lasts = self._row(blob)
+                    if ts < restored.m0 * US:
+                        restored.restore_paged_row(int(ts), values)
                     else:
-                        numbers, lasts_of = names[row[0]]
-                        values = dict(zip(numbers, row[1], strict=True))
-                        lasts = dict(zip(lasts_of, row[2], strict=True))
-                    restored.restore_row(int(ts), values, lasts)
+                        restored.restore_row(int(ts), values, lasts)
         for name, res, start, blob in await db.execute_fetchall(
             "SELECT device, res, start_s, data FROM partials"
         ):
             restored = self.devices.get(name)
-            if restored is not None:
+            if restored is not None and (res != "1m" or start >= restored.m0 - restored.m0 % 900):
                 restored.closed[res][int(start)] = bytes(blob)
         now = time.monotonic()
         for name, res, start, blob in await db.execute_fetchall(
@@ -793,6 +844,12 @@ class Aggregate(Processor[AggregateConfig]):
             self._commit_failing_since = None
         for ack in held:
             ack.ack()
+        # what was committed may leave memory now; what changed meanwhile stays
+        now = time.monotonic()
+        for name, *_ in dev_rows:
+            if self._hold.get(name, 0.0) <= now:
+                self._hold.pop(name, None)
+                self.devices[name].page_out()
 
     def _commit_failed(self, exc: Exception) -> None:
         if self._commit_failing_since is None:

@@ -10,8 +10,9 @@ replay into `count` alone (so the aggregate's own share is the difference), the 
 RSS growth over the RSS before the run (sampled every 50 ms; target <= 40 MB), the windows
 out (1440 + 96 + 24 + 1), and the same day with `state_path` (a SQLite file, every row
 committed), whose time and file size are reported, not judged; and the memory the node
-holds for the device at the end of the day (tracemalloc, `memory_per_device_kb`): times
-the households, what a server's aggregate needs.
+holds for the device at the end of the day (tracemalloc, `memory_per_device_kb`, with a
+state file as a server runs it, and without): times the households, what a server's
+aggregate needs.
 """
 
 from __future__ import annotations
@@ -216,20 +217,32 @@ class _Acking:
         raise AssertionError(f"{what}: {exc}")
 
 
-def memory_per_device_kb() -> float:
-    """What the aggregate holds for one device at the end of the day, by tracemalloc: the
-    rows of the last late_s (and max_gap_s and a quarter), the summaries of the closed
-    minutes and quarters still needed. This, times the households, is the server's memory."""
+def memory_per_device_kb(state: Path | None) -> float:
+    """What the aggregate holds for one device at the end of the day, by tracemalloc: this,
+    times the households, is the server's memory. Without a state file: the rows of the last
+    late_s (and max_gap_s and a quarter), the summaries of the closed minutes and quarters
+    still needed. With one (committed every 1000 rows, as a server's does every second or so):
+    what is left once the commit has paged out what in-order rows no longer touch."""
     from nodes.aggregate import Aggregate, AggregateConfig
 
     async def day() -> int:
-        node = Aggregate(AggregateConfig(inputs=["x"], max_future_s=None), _Acking())
-        before = tracemalloc.get_traced_memory()[0]
-        for i, ts in enumerate(THE_DAY.ts):
-            await node.process(Message(ts, "x", THE_DAY.data(i)))
-        gc.collect()
-        held = tracemalloc.get_traced_memory()[0] - before
-        assert node.devices and not node._outs
+        path = None if state is None else str(state)
+        config = AggregateConfig(inputs=["x"], max_future_s=None, state_path=path)
+        node = Aggregate(config, _Acking())
+        await node.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i, ts in enumerate(THE_DAY.ts):
+                await node.process(Message(ts, "x", THE_DAY.data(i)))
+                if path is not None and i % 1000 == 999:
+                    await node._commit()
+            if path is not None:
+                await node._commit()
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+            assert node.devices and not node._outs
+        finally:
+            await node.stop()
         return held
 
     tracemalloc.start()
@@ -251,12 +264,14 @@ def measure() -> tuple[float | None, Details]:
             d, flow_text(True, state).replace("bench_aggregate", "bench_state"), "state"
         )
         state_kb = sum(p.stat().st_size for p in d.glob("agg-state.sqlite*")) / 1024
-    per_device_kb = memory_per_device_kb()
+        per_device_kb = memory_per_device_kb(d / "paged.sqlite")
+    in_memory_kb = memory_per_device_kb(None)
     log(
         NAME,
         f"replay alone {replay_s:.2f} s, with aggregate {agg_s:.2f} s "
         f"(+{growth / MB:.1f} MB RSS), with a state file {state_s:.2f} s; "
-        f"{per_device_kb:.0f} kB held for the device at the end of the day",
+        f"{per_device_kb:.0f} kB held for the device at the end of the day with a state "
+        f"file, {in_memory_kb:.0f} kB without",
     )
     rss_mb = growth / MB
     ok = replayed == 86400 and windows == state_windows == 1561 and rss_mb <= RSS_TARGET_MB
@@ -275,6 +290,7 @@ def measure() -> tuple[float | None, Details]:
         "fields": len(FIELDS) + 2,
         "memory_per_device_kb": rnd(per_device_kb, 0),
         "households_per_gb": round(MB * 1024 / (per_device_kb * 1024)),
+        "memory_per_device_kb_without_state_file": rnd(in_memory_kb, 0),
     }
 
 

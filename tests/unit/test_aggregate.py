@@ -96,13 +96,17 @@ def config(**kw: Any) -> dict[str, Any]:
 
 
 async def aggregate(
-    msgs: Iterable[Message], ctx: Ctx | None = None, **kw: Any
+    msgs: Iterable[Message], ctx: Ctx | None = None, commit_every: int = 0, **kw: Any
 ) -> tuple[Aggregate, Ctx]:
+    """Run the node over msgs, flush and stop it; commit_every: commit the state file (and page
+    out what it committed) after that many rows."""
     node, ctx = build(Aggregate, config(**kw), node_id="agg", ctx=ctx)
     await node.start()
     try:
-        for m in msgs:
+        for i, m in enumerate(msgs, 1):
             await node.process(m)
+            if commit_every and not i % commit_every:
+                await node._commit()
         await node.flush()
     finally:
         await node.stop()
@@ -481,20 +485,112 @@ async def test_rows_beyond_max_fieldsets_keep_their_names(
     assert final([*one.emitted, *two.emitted]) == final(whole.emitted)
 
 
-async def test_a_field_silent_for_longer_than_late_s_survives_a_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("commit_every", [0, 1])
+async def test_a_field_silent_for_longer_than_late_s_survives_a_restart(
+    tmp_path: Path, commit_every: int
+) -> None:
     # gas is read at 10:00, then not for 2 hours (its rows are evicted from the state), then
-    # again after a restart: the step counts in the day, as without the restart
+    # again after a restart: the step counts in the day, as without the restart; also when
+    # that row was paged out to the file long before it was evicted
     points = [(0, {"grid_power_w": 1.0, "gas_total_m3": 100.0})]
     points += [(s, {"grid_power_w": 1.0}) for s in range(60, 7200, 60)]
     after = [(7200, {"grid_power_w": 1.0, "gas_total_m3": 101.5})]
     after += [(s, {"grid_power_w": 1.0}) for s in range(7260, 7500, 60)]
     _, whole = await aggregate(rows(points + after))
     state = str(tmp_path / "s.sqlite")
-    _, one = await aggregate(rows(points), state_path=state)
-    _, two = await aggregate(rows(after), state_path=state)
+    _, one = await aggregate(rows(points), state_path=state, commit_every=commit_every)
+    _, two = await aggregate(rows(after), state_path=state, commit_every=commit_every)
     assert final([*one.emitted, *two.emitted]) == final(whole.emitted)
-    (day,) = [m for m in windows(two.emitted, "energy_1d")]
+    day = windows(two.emitted, "energy_1d")[-1]  # after the first run's, sent again
     assert day.data["gas_total_m3_delta"] == 1.5
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+async def test_rows_paged_out_to_the_state_file_come_back_for_late_rows(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no hold after a page-in: every commit pages out again, every late row pages in again
+    monkeypatch.setattr(nodes.aggregate, "PAGE_HOLD_S", 0.0)
+    msgs = irregular(seed, 1500)
+    _, live = await aggregate(msgs, max_gap_s=120)
+    expected = final(live.emitted)
+    rnd = random.Random(seed)
+    # mostly in order, one row in 20 up to 25 minutes late, some twice; late_s is 30 min, so
+    # h0 moves on (carry follows it over paged-out rows) and nothing is too late
+    delays = [rnd.uniform(0, 1500) if rnd.random() < 0.05 else 0.0 for _ in msgs]
+    twice = rnd.sample(msgs, 60)
+    delays += [rnd.uniform(0, 1500) for _ in twice]
+    keyed = [(m.ts + timedelta(seconds=d), m) for d, m in zip(delays, msgs + twice, strict=True)]
+    order = [m for _, m in sorted(keyed, key=lambda p: p[0])]
+    state = str(tmp_path / "s.sqlite")
+    emitted: list[Message] = []
+    paged = 0
+    for part in range(0, len(order), 500):  # and a restart every 500 rows
+        node, ctx = build(
+            Aggregate,
+            config(state_path=state, max_gap_s=120, late_s=1800),
+            node_id="agg",
+        )
+        await node.start()
+        for i, m in enumerate(order[part : part + 500]):
+            await node.process(m)
+            if i % 5 == 0:
+                await node._commit()  # and the rows it commits leave memory
+                for dev in node.devices.values():
+                    assert not dev.cells or min(dev.cells) >= dev.m0 >= dev.h0
+        await node.flush()
+        await node.stop()
+        assert node.too_late == 0
+        paged += node.paged_in
+        emitted += ctx.emitted
+    assert final(emitted) == expected
+    assert paged > 0
+
+
+async def test_rows_that_come_during_a_commit_are_paged_out_and_in_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rows folded while a commit is under way are not in it: when it pages out their minutes,
+    # the rows are still pending and the summaries they changed uncommitted; a late row that
+    # pages the minutes back in must get those, not the file's older ones
+    monkeypatch.setattr(nodes.aggregate, "PAGE_HOLD_S", 0.0)
+    points = [
+        (s, {"grid_power_w": 100.0 + s % 7, "grid_import_t1_kwh": s / 3600}) for s in range(3300)
+    ]
+    late_a = (2150.5, {"grid_power_w": 5000.0, "grid_import_t1_kwh": 2150.5 / 3600})
+    late_c = (2070.5, {"grid_power_w": 7000.0, "grid_import_t1_kwh": 2070.5 / 3600})
+    late_b = (2151.5, {"grid_power_w": 9000.0, "grid_import_t1_kwh": 2151.5 / 3600})
+    _, live = await aggregate(rows(sorted([*points, late_a, late_c, late_b], key=lambda p: p[0])))
+    node, ctx = build(Aggregate, config(state_path=str(tmp_path / "s.sqlite")), node_id="agg")
+    await node.start()
+    try:
+        msgs = rows(points)
+        for i, m in enumerate(msgs[:2280]):
+            await node.process(m)
+            if i % 60 == 0:
+                await node._commit()
+        (dev,) = node.devices.values()
+        commit = asyncio.create_task(node._commit())
+        await asyncio.sleep(0)  # the commit has taken what it writes and waits for SQLite
+        # 130 and 210 s late: in memory still, no page-in
+        for m in rows([late_a, late_c]):
+            await node.process(m)
+        for m in msgs[2280:]:
+            await node.process(m)  # the watermark moves on by 17 minutes meanwhile
+        assert node.paged_in == 0
+        await commit
+        # late_a is paged out, not committed, and so are the summaries of its quarter
+        assert dev.m0 - dev.m0 % 900 > T0.timestamp() + late_a[0]
+        # late_a's minute again: it pages in the file's rows and what is newer (late_a's
+        # row, late_c's minute, whose summary is not computed again but merged in the quarter,
+        # and whose older value the file has)
+        await node.process(rows([late_b])[0])
+        assert node.paged_in > 0
+        await node.flush()
+    finally:
+        await node.stop()
+    assert node.too_late == 0
+    assert final(ctx.emitted) == final(live.emitted)
 
 
 async def test_without_a_state_file_inputs_are_acked_once_folded() -> None:
