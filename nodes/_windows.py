@@ -10,11 +10,12 @@ arrived in. Longer windows are merged from shorter ones in time order: 15 min fr
 whole quarters: 92, 96 or 100). A late row makes the minutes it touches and their parents
 be computed again; only windows whose value changed are emitted again.
 
-Memory. With a state file, rows and minute summaries older than a few minutes are paged
-out (`page_out`): the file holds them, and a row late enough to need them pages them back
-in (`page_in`) first. What stays in memory is what in-order rows touch: the rows since
+Memory. With a state file, rows and summaries older than a few minutes are paged out
+(`page_out`): the file holds them, and a row late enough to need them pages them back in
+(`page_in`) first. What stays in memory is what in-order rows touch: the rows since
 watermark - grace - max_gap - RESIDENT_S, the minute summaries from that quarter on, the
-quarters and hours still to be merged, and per field its last reading before the rows kept.
+quarters from that hour on, the merge of the day's quarters before it (`fold`: the day
+window needs it), and per field its last reading before the rows kept.
 
 Between two consecutive readings of a field at most `max_gap` apart the field is taken as
 linear: a gauge's time-weighted average is the trapezoid integral over the covered time,
@@ -479,6 +480,11 @@ class Device:
         # per quarter in [h0, m0): the last reading of each field in its paged-out rows, so
         # that carry follows h0 over rows no longer in memory
         self.qlast: dict[int, dict[str, tuple[int, float]]] = {}
+        # quarter summaries before q0 (an hour start) are paged out too; the merge of those of
+        # fold_day, in time order, is kept packed: the same merge as of the quarters themselves
+        self.q0 = 0
+        self.fold_day: int | None = None
+        self.fold: bytes | None = None
         self.watermark: int | None = None  # the newest row's ts (µs)
         # closed windows' summaries, packed (Partial.pack): read back by the few windows that
         # merge them and by late rows; most are never read again
@@ -782,7 +788,12 @@ class Device:
         closed = self.closed[child]
         open_from = self.open_from[child]
         parts: list[Partial] = []
-        for c in range(start, end, step):
+        first = start
+        if child == "15m" and start < self.q0:  # a day (q0 is an hour start) partly paged out
+            if self.fold is not None and self.fold_day == start:
+                parts.append(Partial.unpack(self.fold))
+            first = min(self.q0, end)
+        for c in range(first, end, step):
             if c < open_from:
                 kept = closed.get(c)
                 part = None if kept is None else Partial.unpack(kept)
@@ -821,10 +832,9 @@ class Device:
             old_open = self.open_from[res]
             if new_open <= old_open:
                 continue
-            starts = sorted(
-                {cal.start(res, c) for c in self.closed[child] if old_open <= c < new_open}
-            )
-            for start in starts:
+            # a closing day has quarters in memory: its newest row's is at most an hour old (q0)
+            starts = {cal.start(res, c) for c in self.closed[child] if old_open <= c < new_open}
+            for start in sorted(starts):
                 p = self.window(res, start)
                 if p is not None:
                     self._keep(res, start, p)
@@ -951,6 +961,8 @@ class Device:
                 if r is not None:
                     self.carry[f] = r
         self.h0 = h0
+        if self.fold_day is not None and self.fold_day < self.keep_from()["1d"]:
+            self.fold_day = self.fold = None
         if self.m0 <= h0:
             self.m0 = h0
             self.mcarry = dict(self.carry)
@@ -973,8 +985,9 @@ class Device:
         return max(self.m0, self.h0, ref - ref % 60)
 
     def page_out(self) -> None:
-        """Forget the rows below resident_from() and the minute summaries below its quarter,
-        but those changed since the last commit: the caller has just committed the rest."""
+        """Forget the rows below resident_from(), the minute summaries below its quarter and
+        the quarters below its hour (merged into fold), but summaries changed since the last
+        commit: the caller has just committed the rest."""
         m0 = self.resident_from()
         if m0 <= self.m0:
             return
@@ -994,20 +1007,47 @@ class Device:
         for k in [k for k in closed if k < p0 and ("1m", k) not in changed]:
             del closed[k]
         self.m0 = m0
+        # an hour's or a day's summary is computed again only for a quarter that changes,
+        # from p0 on without a page-in: their quarters are needed from p0's hour on
+        q0 = self.s.calendar.start("1h", p0)
+        if q0 > self.q0:
+            quarters = self.closed["15m"]
+            for k in sorted(k for k in quarters if self.q0 <= k < q0):
+                self.fold_quarter(k, quarters[k])
+            for k in [k for k in quarters if k < q0 and ("15m", k) not in changed]:
+                del quarters[k]
+            self.q0 = q0
+
+    def paged_quarters_from(self) -> int:
+        """q0 for a device restored from the state file, once m0 is set."""
+        return self.s.calendar.start("1h", self.m0 - self.m0 % 900) if self.m0 > self.h0 else 0
+
+    def fold_quarter(self, start: int, packed: bytes) -> None:
+        """Merge a closed quarter below q0 into its day's fold (quarters come in time order)."""
+        day = self.s.calendar.start("1d", start)
+        if day != self.fold_day:
+            self.fold_day, self.fold = day, None
+        part = Partial.unpack(packed)
+        merged = part if self.fold is None else merge([Partial.unpack(self.fold), part])
+        self.fold = None if merged is None else merged.pack()
 
     def page_in(
         self,
         rows: Iterable[tuple[int, Mapping[str, float], Mapping[str, Scalar]]],
-        minutes: Mapping[int, bytes],
+        partials: Iterable[tuple[str, int, bytes]],
     ) -> None:
-        """Take back what page_out left to the state file: the rows in [h0, m0) and the
-        minute summaries below m0's quarter (those in memory, or changed, are newer)."""
+        """Take back what page_out left to the state file: the rows in [h0, m0), the minute
+        summaries below m0's quarter and the quarters below q0 (those in memory, or changed,
+        are newer)."""
         for ts, values, lasts in rows:
             self.restore_row(ts, values, lasts)
-        closed, changed = self.closed["1m"], self.changed_partials
-        for m, blob in minutes.items():
-            if m not in closed and ("1m", m) not in changed:
-                closed[m] = blob
+        changed = self.changed_partials
+        for res, start, blob in partials:
+            closed = self.closed[res]
+            if start not in closed and (res, start) not in changed:
+                closed[start] = blob
+        self.q0 = 0
+        self.fold_day = self.fold = None
         self.m0 = self.h0
         self.mcarry = dict(self.carry)
         self.qlast.clear()

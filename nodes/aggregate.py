@@ -295,11 +295,12 @@ class Aggregate(Processor[AggregateConfig]):
     Memory: without `state_path`, the rows of the last `late_s` (+ max_gap_s and a quarter)
     per device, as float columns, and the closed windows' summaries still needed (packed, as
     the state file holds them): about 2.1 MB per device at the end of a day of one 28-field
-    snapshot a second with the default hour. With it, each commit pages out to the file the
-    rows and minute summaries that in-order rows no longer touch (older than max_gap_s +
-    grace_s + 2 min), and a row later than that reads them back first (`paged_in` counts
-    the rows read; a device keeps them a minute): about 0.5 MB per device at the end of the
-    day (tests/bench/bench_aggregate.py, memory_per_device_kb). Every row of
+    snapshot a second with the default hour. With it, each commit pages out to the file what
+    in-order rows no longer touch: rows older than max_gap_s + grace_s + 2 min, minute
+    summaries before that quarter, quarter summaries before that hour (the day keeps their
+    merge); a row later than that reads them back first (`paged_in` counts the rows read; a
+    device keeps them a minute): about 0.24 MB per device at the end of the day
+    (tests/bench/bench_aggregate.py, memory_per_device_kb). Every row of
     a device must reach the same aggregate node: server processes that split an MQTT
     shared subscription by message would each see part of a device and overwrite each
     other's windows.
@@ -513,15 +514,15 @@ class Aggregate(Processor[AggregateConfig]):
                 )
             }
             blobs |= {t: b for (d, t), b in self._rows.items() if d == dev.name and lo <= t < hi}
-            minutes = {
-                int(start): bytes(blob)
-                for start, blob in await db.execute_fetchall(
-                    "SELECT start_s, data FROM partials "
-                    "WHERE device = ? AND res = '1m' AND start_s >= ? AND start_s < ?",
-                    (dev.name, dev.h0, dev.m0 - dev.m0 % 900),
+            partials = [
+                (str(res), int(start), bytes(blob))
+                for res, start, blob in await db.execute_fetchall(
+                    "SELECT res, start_s, data FROM partials WHERE device = ? AND ("
+                    "(res = '1m' AND start_s < ?) OR (res = '15m' AND start_s < ?))",
+                    (dev.name, dev.m0 - dev.m0 % 900, dev.q0),
                 )
-            }
-            dev.page_in(((t, *self._row(blobs[t])) for t in sorted(blobs)), minutes)
+            ]
+            dev.page_in(((t, *self._row(blobs[t])) for t in sorted(blobs)), partials)
             self._hold[dev.name] = time.monotonic() + PAGE_HOLD_S
             self.paged_in += len(blobs)
 
@@ -707,6 +708,7 @@ class Aggregate(Processor[AggregateConfig]):
         for dev in self.devices.values():
             dev.mcarry = dict(dev.carry)
             dev.m0 = dev.resident_from()
+            dev.q0 = dev.paged_quarters_from()
         async with db.execute("SELECT device, ts_us, data FROM rows ORDER BY device, ts_us") as cur:
             async for name, ts, blob in cur:
                 restored = self.devices.get(name)
@@ -717,10 +719,14 @@ class Aggregate(Processor[AggregateConfig]):
                     else:
                         restored.restore_row(int(ts), values, lasts)
         for name, res, start, blob in await db.execute_fetchall(
-            "SELECT device, res, start_s, data FROM partials"
+            "SELECT device, res, start_s, data FROM partials ORDER BY device, res, start_s"
         ):
             restored = self.devices.get(name)
-            if restored is not None and (res != "1m" or start >= restored.m0 - restored.m0 % 900):
+            if restored is None:
+                continue
+            if res == "15m" and start < restored.q0:
+                restored.fold_quarter(int(start), bytes(blob))
+            elif res != "1m" or start >= restored.m0 - restored.m0 % 900:
                 restored.closed[res][int(start)] = bytes(blob)
         now = time.monotonic()
         for name, res, start, blob in await db.execute_fetchall(

@@ -401,17 +401,23 @@ async def test_a_duplicate_changes_nothing_and_a_changed_row_replaces_it() -> No
     await node.stop()
 
 
+@pytest.mark.parametrize(("commit_every", "run_rows"), [(0, 2000), (60, 2000), (60, 3 * 3600)])
 async def test_restart_with_a_state_file_goes_on_as_if_it_had_not_stopped(
-    tmp_path: Path,
+    tmp_path: Path, commit_every: int, run_rows: int
 ) -> None:
     msgs = simulated(local_midnight("2026-02-03") + timedelta(hours=23, minutes=10), 3 * 3600)
     _, whole = await aggregate(msgs)
     expected = final(whole.emitted)
     state = str(tmp_path / "agg.sqlite")
     emitted: list[Message] = []
-    # a redeploy every 2000 rows: flush (the open windows go out), stop, start again
-    for i in range(0, len(msgs), 2000):
-        _, ctx = await aggregate(msgs[i : i + 2000], state_path=state)
+    # a redeploy every 2000 rows: flush (the open windows go out), stop, start again; with
+    # commits every minute in between, the rows, minutes and quarters are paged out as they
+    # go, and the quarters of the day before and of this one are folded apart (in one run
+    # too: there the flush at the end gives the day from the fold made in the run)
+    for i in range(0, len(msgs), run_rows):
+        _, ctx = await aggregate(
+            msgs[i : i + run_rows], state_path=state, commit_every=commit_every
+        )
         emitted += ctx.emitted
         for m in ctx.emitted:
             m.settle_ack()
@@ -555,7 +561,7 @@ async def test_rows_that_come_during_a_commit_are_paged_out_and_in_with_it(
     # pages the minutes back in must get those, not the file's older ones
     monkeypatch.setattr(nodes.aggregate, "PAGE_HOLD_S", 0.0)
     points = [
-        (s, {"grid_power_w": 100.0 + s % 7, "grid_import_t1_kwh": s / 3600}) for s in range(3300)
+        (s, {"grid_power_w": 100.0 + s % 7, "grid_import_t1_kwh": s / 3600}) for s in range(4200)
     ]
     late_a = (2150.5, {"grid_power_w": 5000.0, "grid_import_t1_kwh": 2150.5 / 3600})
     late_c = (2070.5, {"grid_power_w": 7000.0, "grid_import_t1_kwh": 2070.5 / 3600})
@@ -576,11 +582,12 @@ async def test_rows_that_come_during_a_commit_are_paged_out_and_in_with_it(
         for m in rows([late_a, late_c]):
             await node.process(m)
         for m in msgs[2280:]:
-            await node.process(m)  # the watermark moves on by 17 minutes meanwhile
+            await node.process(m)  # the watermark moves on by 32 minutes meanwhile
         assert node.paged_in == 0
         await commit
-        # late_a is paged out, not committed, and so are the summaries of its quarter
-        assert dev.m0 - dev.m0 % 900 > T0.timestamp() + late_a[0]
+        # late_a is paged out, not committed, and so are the summaries of its minute and its
+        # quarter (closed meanwhile)
+        assert dev.q0 > T0.timestamp() + late_a[0]
         # late_a's minute again: it pages in the file's rows and what is newer (late_a's
         # row, late_c's minute, whose summary is not computed again but merged in the quarter,
         # and whose older value the file has)
@@ -591,6 +598,42 @@ async def test_rows_that_come_during_a_commit_are_paged_out_and_in_with_it(
         await node.stop()
     assert node.too_late == 0
     assert final(ctx.emitted) == final(live.emitted)
+
+
+@pytest.mark.parametrize("restart_at", [None, 700, 1200])
+async def test_a_day_whose_last_hours_are_silent_closes_from_its_paged_out_quarters(
+    tmp_path: Path, restart_at: int | None
+) -> None:
+    # rows every 30 s from 10:00 to 20:00 local, then none until 08:00 the next day: when the
+    # day closes, all its quarters with rows are paged out, merged in the fold, and the day
+    # window comes from the fold (after a restart, from the fold the restart builds: at 1200,
+    # the restart comes at the end of the silence)
+    day = local_midnight("2026-02-03")
+    points = [(day + timedelta(hours=10, seconds=s), s) for s in range(0, 10 * 3600, 30)]
+    points += [(day + timedelta(hours=32, seconds=s), s) for s in range(0, 3600, 30)]
+    msgs = [
+        Message(
+            ts,
+            "edge",
+            {
+                "device_id": DEVICE,
+                "grid_power_w": 100.0 + s % 170,
+                "grid_import_t1_kwh": 1000 + i / 120,
+            },
+        )
+        for i, (ts, s) in enumerate(points)
+    ]
+    _, live = await aggregate(msgs)
+    expected = final(live.emitted)
+    assert len(windows(live.emitted, "energy_1d")) == 2
+    state = str(tmp_path / "s.sqlite")
+    cut = len(msgs) if restart_at is None else restart_at
+    node, one = await aggregate(msgs[:cut], state_path=state, commit_every=1)
+    _, two = await aggregate(msgs[cut:], state_path=state, commit_every=1)
+    assert final([*one.emitted, *two.emitted]) == expected
+    if restart_at == 1200:  # the day's quarters but the last hour's are in the fold only
+        (dev,) = node.devices.values()
+        assert dev.fold is not None and len(dev.closed["15m"]) <= 8
 
 
 async def test_without_a_state_file_inputs_are_acked_once_folded() -> None:
