@@ -485,6 +485,9 @@ class Device:
         self.q0 = 0
         self.fold_day: int | None = None
         self.fold: bytes | None = None
+        # changed since the state file last got them: (m0, mcarry, qlast), (q0, fold)
+        self.paged_dirty = False
+        self.fold_dirty = False
         self.watermark: int | None = None  # the newest row's ts (µs)
         # closed windows' summaries, packed (Partial.pack): read back by the few windows that
         # merge them and by late rows; most are never read again
@@ -575,19 +578,6 @@ class Device:
             cell = self.cells[m] = Cell()
         cell.insert(ts, values, lasts)
 
-    def restore_paged_row(self, ts: int, values: Mapping[str, float]) -> None:
-        """A row of the state file below m0 (read in time order): what it leaves in memory."""
-        q = ts // US - ts // US % 900
-        lasts = self.qlast.get(q)
-        if lasts is None:
-            lasts = self.qlast[q] = {}
-        for f, v in values.items():
-            if f not in self.kinds:
-                self.kinds[f] = self.s.classify(f)
-            if self.latest.get(f, -1) < ts:
-                self.latest[f] = ts
-            lasts[f] = self.mcarry[f] = (ts, v)
-
     def restored(self) -> None:
         """After the rows: fields known only by their reading before h0 count too."""
         for f, (t, _) in self.carry.items():
@@ -602,6 +592,7 @@ class Device:
         for res in RESOLUTIONS:
             self.open_from[res] = self.s.calendar.start(res, limit)
         self.h0 = self.m0 = self._horizon(ts)
+        self.paged_dirty = True
 
     def _closed_between(self, lo: int, hi: int, extra: Iterable[int]) -> list[int]:
         first = lo // US - lo // US % 60
@@ -961,8 +952,10 @@ class Device:
                 if r is not None:
                     self.carry[f] = r
         self.h0 = h0
+        self.paged_dirty = True
         if self.fold_day is not None and self.fold_day < self.keep_from()["1d"]:
             self.fold_day = self.fold = None
+            self.fold_dirty = True
         if self.m0 <= h0:
             self.m0 = h0
             self.mcarry = dict(self.carry)
@@ -1007,6 +1000,7 @@ class Device:
         for k in [k for k in closed if k < p0 and ("1m", k) not in changed]:
             del closed[k]
         self.m0 = m0
+        self.paged_dirty = True
         # an hour's or a day's summary is computed again only for a quarter that changes,
         # from p0 on without a page-in: their quarters are needed from p0's hour on
         q0 = self.s.calendar.start("1h", p0)
@@ -1017,10 +1011,7 @@ class Device:
             for k in [k for k in quarters if k < q0 and ("15m", k) not in changed]:
                 del quarters[k]
             self.q0 = q0
-
-    def paged_quarters_from(self) -> int:
-        """q0 for a device restored from the state file, once m0 is set."""
-        return self.s.calendar.start("1h", self.m0 - self.m0 % 900) if self.m0 > self.h0 else 0
+            self.fold_dirty = True
 
     def fold_quarter(self, start: int, packed: bytes) -> None:
         """Merge a closed quarter below q0 into its day's fold (quarters come in time order)."""
@@ -1051,3 +1042,28 @@ class Device:
         self.m0 = self.h0
         self.mcarry = dict(self.carry)
         self.qlast.clear()
+        self.paged_dirty = self.fold_dirty = True
+
+    def paged_state(self) -> bytes:
+        """What page_out leaves in memory of the rows it forgot, for the state file: a
+        restart then reads only the rows from m0 on."""
+        mcarry = {f: list(tv) for f, tv in self.mcarry.items()}
+        qlast = {q: {f: list(tv) for f, tv in lasts.items()} for q, lasts in self.qlast.items()}
+        return bytes(msgpack.packb([mcarry, qlast]))
+
+    def restore_paged(self, m0: int, state: bytes) -> None:
+        """Back from paged_state(), after the device's h0 and carry."""
+        if m0 <= self.h0:
+            return  # nothing was paged out (mcarry is carry)
+        mcarry, qlast = msgpack.unpackb(state, strict_map_key=False)
+        self.m0 = m0
+        self.mcarry = {str(f): (int(t), float(v)) for f, (t, v) in mcarry.items()}
+        self.qlast = {
+            int(q): {str(f): (int(t), float(v)) for f, (t, v) in lasts.items()}
+            for q, lasts in qlast.items()
+        }
+        for f, (t, _) in self.mcarry.items():
+            if f not in self.kinds:
+                self.kinds[f] = self.s.classify(f)
+            if self.latest.get(f, -1) < t:
+                self.latest[f] = t

@@ -41,9 +41,11 @@ from runner import Ack, Backoff, ConsumerConfig, Message, NodeContext, Processor
 
 _US = timedelta(microseconds=1)
 _INF = math.inf
-# 2: rows as [fieldset id, values, lasts], the names in `fieldsets` (1: [values, lasts] as
-# maps, the names in every row; still read)
-SCHEMA_VERSION = 2
+# 3: `paged` and `folds`, what memory keeps of the rows and quarters paged out (a schema-2
+# file has none: its device starts with all its rows in memory); 2: rows as [fieldset id,
+# values, lasts], the names in `fieldsets` (1: [values, lasts] as maps, the names in every
+# row; still read)
+SCHEMA_VERSION = 3
 # field sets (names of a row's numbers and `last` values) kept by id; rows of further sets
 # are written with their names, as schema 1 wrote them
 MAX_FIELDSETS = 1_000
@@ -66,6 +68,11 @@ SCHEMA = (
         device TEXT NOT NULL, res TEXT NOT NULL, start_s INTEGER NOT NULL, data BLOB NOT NULL,
         PRIMARY KEY (device, res, start_s)) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS fieldsets (id INTEGER PRIMARY KEY, names BLOB NOT NULL)",
+    # apart from `devices` (written every commit): these change once a minute and an hour
+    """CREATE TABLE IF NOT EXISTS paged (
+        device TEXT PRIMARY KEY, m0 INTEGER NOT NULL, data BLOB NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS folds (
+        device TEXT PRIMARY KEY, q0 INTEGER NOT NULL, day INTEGER, data BLOB)""",
     """CREATE TABLE IF NOT EXISTS outputs (
         device TEXT NOT NULL, res TEXT NOT NULL, start_s INTEGER NOT NULL, data BLOB NOT NULL,
         PRIMARY KEY (device, res, start_s)) WITHOUT ROWID""",
@@ -299,8 +306,9 @@ class Aggregate(Processor[AggregateConfig]):
     in-order rows no longer touch: rows older than max_gap_s + grace_s + 2 min, minute
     summaries before that quarter, quarter summaries before that hour (the day keeps their
     merge); a row later than that reads them back first (`paged_in` counts the rows read; a
-    device keeps them a minute): about 0.24 MB per device at the end of the day
-    (tests/bench/bench_aggregate.py, memory_per_device_kb). Every row of
+    device keeps them a minute): about 0.24 MB per device at the end of the day, and a
+    restart reads back only that (tests/bench/bench_aggregate.py: memory_per_device_kb,
+    restore_ms_per_device). Every row of
     a device must reach the same aggregate node: server processes that split an MQTT
     shared subscription by message would each see part of a device and overwrite each
     other's windows.
@@ -683,7 +691,7 @@ class Aggregate(Processor[AggregateConfig]):
                 zone[0][0],
                 self.config.timezone,
             )
-            for table in ("devices", "rows", "partials", "outputs"):
+            for table in ("devices", "rows", "partials", "outputs", "paged", "folds"):
                 await db.execute(f"DELETE FROM {table}")  # noqa: S608 - our own table names
         await db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('timezone', ?)",
@@ -703,31 +711,35 @@ class Aggregate(Processor[AggregateConfig]):
             names = (tuple(numbers), tuple(lasts))
             self._fieldset_names[int(fieldset)] = names
             self._fieldsets[names] = int(fieldset)
-        # what is older than a device's resident_from() stays in the file (paged out), but
-        # for the last reading of each field it leaves
         for dev in self.devices.values():
+            dev.m0 = dev.h0
             dev.mcarry = dict(dev.carry)
-            dev.m0 = dev.resident_from()
-            dev.q0 = dev.paged_quarters_from()
-        async with db.execute("SELECT device, ts_us, data FROM rows ORDER BY device, ts_us") as cur:
-            async for name, ts, blob in cur:
-                restored = self.devices.get(name)
-                if restored is not None:
-                    values, lasts = self._row(blob)
-                    if ts < restored.m0 * US:
-                        restored.restore_paged_row(int(ts), values)
-                    else:
-                        restored.restore_row(int(ts), values, lasts)
-        for name, res, start, blob in await db.execute_fetchall(
-            "SELECT device, res, start_s, data FROM partials ORDER BY device, res, start_s"
+        # what was paged out stays in the file: only what memory kept of it is read
+        for name, m0, blob in await db.execute_fetchall("SELECT device, m0, data FROM paged"):
+            restored = self.devices.get(name)
+            if restored is not None:
+                restored.restore_paged(int(m0), bytes(blob))
+        for name, q0, day, blob in await db.execute_fetchall(
+            "SELECT device, q0, day, data FROM folds"
         ):
             restored = self.devices.get(name)
-            if restored is None:
-                continue
-            if res == "15m" and start < restored.q0:
-                restored.fold_quarter(int(start), bytes(blob))
-            elif res != "1m" or start >= restored.m0 - restored.m0 % 900:
-                restored.closed[res][int(start)] = bytes(blob)
+            if restored is not None:
+                restored.q0 = int(q0)
+                if day is not None and blob is not None and day >= restored.keep_from()["1d"]:
+                    restored.fold_day, restored.fold = int(day), bytes(blob)
+        for dev in self.devices.values():
+            async with db.execute(
+                "SELECT ts_us, data FROM rows WHERE device = ? AND ts_us >= ? ORDER BY ts_us",
+                (dev.name, dev.m0 * US),
+            ) as cur:
+                async for ts, blob in cur:
+                    dev.restore_row(int(ts), *self._row(blob))
+            for res, start, blob in await db.execute_fetchall(
+                "SELECT res, start_s, data FROM partials WHERE device = ? AND NOT ("
+                "(res = '1m' AND start_s < ?) OR (res = '15m' AND start_s < ?))",
+                (dev.name, dev.m0 - dev.m0 % 900, dev.q0),
+            ):
+                dev.closed[str(res)][int(start)] = bytes(blob)
         now = time.monotonic()
         for name, res, start, blob in await db.execute_fetchall(
             "SELECT device, res, start_s, data FROM outputs"
@@ -772,7 +784,13 @@ class Aggregate(Processor[AggregateConfig]):
         # everything read from the devices before the first await: one consistent state
         dev_rows, evict_rows, evict_partials, put_partials, del_partials = [], [], [], [], []
         changed: dict[str, set[tuple[str, int]]] = {}
-        for name in dirty | {n for n, d in self.devices.items() if d.changed_partials}:
+        put_paged, put_folds = [], []
+        pending = {
+            n
+            for n, d in self.devices.items()
+            if d.changed_partials or d.paged_dirty or d.fold_dirty
+        }
+        for name in dirty | pending:
             dev = self.devices[name]
             assert dev.watermark is not None
             carry = {f: list(tv) for f, tv in dev.carry.items()}
@@ -783,6 +801,12 @@ class Aggregate(Processor[AggregateConfig]):
             for res, start in dev.keep_from().items():
                 evict_partials.append((name, res, start))
             changed[name], dev.changed_partials = dev.changed_partials, set()
+            if dev.paged_dirty:
+                put_paged.append((name, dev.m0, dev.paged_state()))
+                dev.paged_dirty = False
+            if dev.fold_dirty:
+                put_folds.append((name, dev.q0, dev.fold_day, dev.fold))
+                dev.fold_dirty = False
             for res, start in changed[name]:
                 packed = dev.closed[res].get(start)
                 if packed is None:
@@ -826,6 +850,13 @@ class Aggregate(Processor[AggregateConfig]):
             await db.executemany(
                 "DELETE FROM outputs WHERE device = ? AND res = ? AND start_s = ?", del_outs
             )
+            await db.executemany(
+                "INSERT OR REPLACE INTO paged (device, m0, data) VALUES (?, ?, ?)", put_paged
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO folds (device, q0, day, data) VALUES (?, ?, ?, ?)",
+                put_folds,
+            )
             await db.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -838,6 +869,10 @@ class Aggregate(Processor[AggregateConfig]):
             self._out_ops = {**out_ops, **self._out_ops}
             for name, keys in changed.items():
                 self.devices[name].changed_partials |= keys
+            for name, *_ in put_paged:
+                self.devices[name].paged_dirty = True
+            for name, *_ in put_folds:
+                self.devices[name].fold_dirty = True
             if isinstance(exc, Exception):
                 self._commit_failed(exc)
             raise

@@ -12,7 +12,7 @@ out (1440 + 96 + 24 + 1), and the same day with `state_path` (a SQLite file, eve
 committed), whose time and file size are reported, not judged; and the memory the node
 holds for the device at the end of the day (tracemalloc, `memory_per_device_kb`, with a
 state file as a server runs it, and without): times the households, what a server's
-aggregate needs.
+aggregate needs; and how long a restart takes to read that device's state file back.
 """
 
 from __future__ import annotations
@@ -252,6 +252,24 @@ def memory_per_device_kb(state: Path | None) -> float:
         tracemalloc.stop()
 
 
+def restore_ms(state: Path) -> float:
+    """The time a restart takes to read the device's state back from the file that
+    memory_per_device_kb left (ms, one device): times the households, a server's restart."""
+    from nodes.aggregate import Aggregate, AggregateConfig
+
+    async def start() -> float:
+        config = AggregateConfig(inputs=["x"], max_future_s=None, state_path=str(state))
+        node = Aggregate(config, _Acking())
+        t0 = time.perf_counter()
+        await node.start()
+        elapsed = time.perf_counter() - t0
+        assert node.devices
+        await node.stop()
+        return elapsed
+
+    return min(asyncio.run(start()) for _ in range(3)) * 1000
+
+
 def measure() -> tuple[float | None, Details]:
     t0 = time.perf_counter()
     THE_DAY.fill()
@@ -265,13 +283,14 @@ def measure() -> tuple[float | None, Details]:
         )
         state_kb = sum(p.stat().st_size for p in d.glob("agg-state.sqlite*")) / 1024
         per_device_kb = memory_per_device_kb(d / "paged.sqlite")
+        restore = restore_ms(d / "paged.sqlite")
     in_memory_kb = memory_per_device_kb(None)
     log(
         NAME,
         f"replay alone {replay_s:.2f} s, with aggregate {agg_s:.2f} s "
         f"(+{growth / MB:.1f} MB RSS), with a state file {state_s:.2f} s; "
         f"{per_device_kb:.0f} kB held for the device at the end of the day with a state "
-        f"file, {in_memory_kb:.0f} kB without",
+        f"file, {in_memory_kb:.0f} kB without; a restart reads it back in {restore:.0f} ms",
     )
     rss_mb = growth / MB
     ok = replayed == 86400 and windows == state_windows == 1561 and rss_mb <= RSS_TARGET_MB
@@ -291,6 +310,7 @@ def measure() -> tuple[float | None, Details]:
         "memory_per_device_kb": rnd(per_device_kb, 0),
         "households_per_gb": round(MB * 1024 / (per_device_kb * 1024)),
         "memory_per_device_kb_without_state_file": rnd(in_memory_kb, 0),
+        "restore_ms_per_device": rnd(restore, 1),
     }
 
 

@@ -426,6 +426,15 @@ async def test_restart_with_a_state_file_goes_on_as_if_it_had_not_stopped(
     with sqlite3.connect(state) as db:
         (n,) = db.execute("SELECT count(*) FROM rows").fetchone()
     assert 3600 <= n <= 3600 + 3 * 900
+    if commit_every:
+        # of which a restart reads only what was in memory: the rows of the last minutes
+        # (max_gap_s 300 + grace 10 + 2 min, a minute of commit lag) and the last hour's quarters
+        node, _ = build(Aggregate, config(state_path=state), node_id="agg")
+        await node.start()
+        (dev,) = node.devices.values()
+        assert sum(len(c.ts) for c in dev.cells.values()) <= 600
+        assert len(dev.closed["15m"]) <= 8 and dev.fold is not None
+        await node.stop()
 
 
 def keyed_form(state: str) -> None:
@@ -443,7 +452,8 @@ def keyed_form(state: str) -> None:
             db.execute(
                 "UPDATE rows SET data = ? WHERE device = ? AND ts_us = ?", (keyed, device, ts)
             )
-        db.execute("DROP TABLE fieldsets")
+        for table in ("fieldsets", "paged", "folds"):  # newer than schema 1
+            db.execute(f"DROP TABLE {table}")
         db.execute("PRAGMA user_version = 1")
 
 
@@ -467,7 +477,7 @@ async def test_rows_are_stored_without_their_names_and_a_schema_1_file_is_read(
     assert final([*one.emitted, *two.emitted]) == final(whole.emitted)
     with sqlite3.connect(state) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    assert version == 2
+    assert version == nodes.aggregate.SCHEMA_VERSION == 3
 
 
 async def test_rows_beyond_max_fieldsets_keep_their_names(
@@ -634,6 +644,51 @@ async def test_a_day_whose_last_hours_are_silent_closes_from_its_paged_out_quart
     if restart_at == 1200:  # the day's quarters but the last hour's are in the fold only
         (dev,) = node.devices.values()
         assert dev.fold is not None and len(dev.closed["15m"]) <= 8
+
+
+async def test_a_failed_commit_is_rolled_back_whole_and_the_next_one_writes_it_all(
+    tmp_path: Path,
+) -> None:
+    # commits refused for ten minutes (a trigger here, a full disk in life): the inputs stay
+    # unacked, nothing is paged out, and the first commit that goes through writes what the
+    # refused ones held, paged state included; a restart then goes on as if nothing happened
+    msgs = simulated(local_midnight("2026-02-03") + timedelta(hours=9, minutes=40), 2700)
+    _, live = await aggregate(msgs)
+    state = str(tmp_path / "s.sqlite")
+    acks = Acks()
+    msgs = [Message(m.ts, m.source, m.data, ack=acks.make(i)) for i, m in enumerate(msgs)]
+    node, ctx = build(Aggregate, config(state_path=state), node_id="agg")
+    await node.start()
+    try:
+        for i, m in enumerate(msgs[:1700]):
+            await node.process(m)
+            if i % 60 == 59:
+                await node._commit()
+        (dev,) = node.devices.values()
+        with sqlite3.connect(state) as db:
+            db.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON paged BEGIN SELECT RAISE(ABORT, 'no'); END"
+            )
+        m0, q0 = dev.m0, dev.q0  # the last commit has just paged out the quarters before 10:00
+        assert q0 == (local_midnight("2026-02-03") + timedelta(hours=10)).timestamp()
+        for i, m in enumerate(msgs[1700:2300]):
+            await node.process(m)
+            if i % 60 == 59:
+                with pytest.raises(sqlite3.IntegrityError):
+                    await node._commit()
+        assert dev.m0 == m0 and not any(i in acks.outcome for i in range(1700, 2300))
+        with sqlite3.connect(state) as db:
+            db.execute("DROP TRIGGER refuse")
+        await node._commit()
+        assert all(acks.outcome[i] == (True, None) for i in range(2300))
+        with sqlite3.connect(state) as db:
+            assert db.execute("SELECT m0 FROM paged").fetchone() == (m0,)
+            assert db.execute("SELECT q0 FROM folds").fetchone() == (q0,)
+        assert dev.m0 > m0  # paged out once committed
+    finally:
+        await node.stop()
+    _, two = await aggregate(msgs[2300:], state_path=state)
+    assert final([*ctx.emitted, *two.emitted]) == final(live.emitted)
 
 
 async def test_without_a_state_file_inputs_are_acked_once_folded() -> None:
