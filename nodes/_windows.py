@@ -485,9 +485,11 @@ class Device:
         self.q0 = 0
         self.fold_day: int | None = None
         self.fold: bytes | None = None
-        # changed since the state file last got them: (m0, mcarry, qlast), (q0, fold)
+        # changed since the state file last got them: (m0, mcarry, qlast), (q0, fold); h0
+        # (with carry) as the file has it
         self.paged_dirty = False
         self.fold_dirty = False
+        self.h0_stored: int | None = None
         self.watermark: int | None = None  # the newest row's ts (µs)
         # closed windows' summaries, packed (Partial.pack): read back by the few windows that
         # merge them and by late rows; most are never read again

@@ -703,7 +703,7 @@ class Aggregate(Processor[AggregateConfig]):
             dev = self.devices[name] = Device(name, self._settings)
             dev.track = True
             dev.watermark = int(wm)
-            dev.h0 = int(h0)
+            dev.h0 = dev.h0_stored = int(h0)
             dev.open_from = {str(k): int(v) for k, v in msgpack.unpackb(open_from).items()}
             dev.carry = {str(f): (int(t), float(v)) for f, (t, v) in msgpack.unpackb(carry).items()}
         for fieldset, blob in await db.execute_fetchall("SELECT id, names FROM fieldsets"):
@@ -783,6 +783,9 @@ class Aggregate(Processor[AggregateConfig]):
         out_ops, self._out_ops = self._out_ops, {}
         # everything read from the devices before the first await: one consistent state
         dev_rows, evict_rows, evict_partials, put_partials, del_partials = [], [], [], [], []
+        # most commits only move a device's watermark: its carry, and what it no longer needs
+        # in the file, change with h0 (once a quarter)
+        dev_moves, new_h0 = [], []
         changed: dict[str, set[tuple[str, int]]] = {}
         put_paged, put_folds = [], []
         pending = {
@@ -790,16 +793,27 @@ class Aggregate(Processor[AggregateConfig]):
             for n, d in self.devices.items()
             if d.changed_partials or d.paged_dirty or d.fold_dirty
         }
-        for name in dirty | pending:
+        committed = dirty | pending
+        for name in committed:
             dev = self.devices[name]
             assert dev.watermark is not None
-            carry = {f: list(tv) for f, tv in dev.carry.items()}
-            dev_rows.append(
-                (name, dev.watermark, dev.h0, msgpack.packb(dev.open_from), msgpack.packb(carry))
-            )
-            evict_rows.append((name, dev.h0 * US))
-            for res, start in dev.keep_from().items():
-                evict_partials.append((name, res, start))
+            if dev.h0 == dev.h0_stored:
+                dev_moves.append((dev.watermark, msgpack.packb(dev.open_from), name))
+            else:
+                carry = {f: list(tv) for f, tv in dev.carry.items()}
+                dev_rows.append(
+                    (
+                        name,
+                        dev.watermark,
+                        dev.h0,
+                        msgpack.packb(dev.open_from),
+                        msgpack.packb(carry),
+                    )
+                )
+                new_h0.append((dev, dev.h0))
+                evict_rows.append((name, dev.h0 * US))
+                for res, start in dev.keep_from().items():
+                    evict_partials.append((name, res, start))
             changed[name], dev.changed_partials = dev.changed_partials, set()
             if dev.paged_dirty:
                 put_paged.append((name, dev.m0, dev.paged_state()))
@@ -830,6 +844,9 @@ class Aggregate(Processor[AggregateConfig]):
                 "INSERT OR REPLACE INTO devices (device, watermark_us, h0, open_from, carry) "
                 "VALUES (?, ?, ?, ?, ?)",
                 dev_rows,
+            )
+            await db.executemany(
+                "UPDATE devices SET watermark_us = ?, open_from = ? WHERE device = ?", dev_moves
             )
             await db.executemany("DELETE FROM rows WHERE device = ? AND ts_us < ?", evict_rows)
             await db.executemany(
@@ -885,9 +902,11 @@ class Aggregate(Processor[AggregateConfig]):
             self._commit_failing_since = None
         for ack in held:
             ack.ack()
+        for dev, h0 in new_h0:
+            dev.h0_stored = h0
         # what was committed may leave memory now; what changed meanwhile stays
         now = time.monotonic()
-        for name, *_ in dev_rows:
+        for name in committed:
             if self._hold.get(name, 0.0) <= now:
                 self._hold.pop(name, None)
                 self.devices[name].page_out()
