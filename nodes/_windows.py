@@ -581,8 +581,8 @@ class Device:
         cell.insert(ts, values, lasts)
 
     def restored(self) -> None:
-        """After the rows: fields known only by their reading before h0 count too."""
-        for f, (t, _) in self.carry.items():
+        """After the rows: fields known only by their reading before h0 or m0 count too."""
+        for f, (t, _) in (*self.carry.items(), *self.mcarry.items()):
             if f not in self.kinds:
                 self.kinds[f] = self.s.classify(f)
             if self.latest.get(f, -1) < t:
@@ -972,6 +972,11 @@ class Device:
         """Whether a row at ts touches rows or minute summaries that are paged out."""
         return self.m0 > self.h0 and (ts - self.s.gap_us) // US < self.m0 and not self.too_late(ts)
 
+    @property
+    def p0(self) -> int:
+        """Minute summaries are in memory from here (m0's quarter)."""
+        return self.m0 - self.m0 % 900
+
     def resident_from(self) -> int:
         """The m0 the watermark allows: what an in-order row can touch, and RESIDENT_S more."""
         if self.watermark is None:
@@ -997,12 +1002,12 @@ class Device:
                 r = cell.last_reading(f)
                 if r is not None:
                     lasts[f] = self.mcarry[f] = r
-        p0 = m0 - m0 % 900
+        self.m0 = m0
+        self.paged_dirty = True
+        p0 = self.p0
         closed, changed = self.closed["1m"], self.changed_partials
         for k in [k for k in closed if k < p0 and ("1m", k) not in changed]:
             del closed[k]
-        self.m0 = m0
-        self.paged_dirty = True
         # an hour's or a day's summary is computed again only for a quarter that changes,
         # from p0 on without a page-in: their quarters are needed from p0's hour on
         q0 = self.s.calendar.start("1h", p0)
@@ -1064,8 +1069,3 @@ class Device:
             int(q): {str(f): (int(t), float(v)) for f, (t, v) in lasts.items()}
             for q, lasts in qlast.items()
         }
-        for f, (t, _) in self.mcarry.items():
-            if f not in self.kinds:
-                self.kinds[f] = self.s.classify(f)
-            if self.latest.get(f, -1) < t:
-                self.latest[f] = t

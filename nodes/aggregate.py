@@ -56,6 +56,13 @@ MAX_PENDING_ROWS = 20_000
 # they are paged out again: a redelivered batch of old rows reads the file once, not per row
 PAGE_HOLD_S = 60.0
 
+# a device's summaries that page_out left to the file, and the others (parameters: device,
+# its p0, its q0)
+_PAGED = "(res = '1m' AND start_s < ?) OR (res = '15m' AND start_s < ?)"
+_OF_DEVICE = "SELECT res, start_s, data FROM partials WHERE device = ? AND"
+PAGED_PARTIALS = f"{_OF_DEVICE} ({_PAGED})"
+RESIDENT_PARTIALS = f"{_OF_DEVICE} NOT ({_PAGED})"
+
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS devices (
@@ -451,7 +458,7 @@ class Aggregate(Processor[AggregateConfig]):
         if dev is None:
             dev = self.devices[device] = Device(device, self._settings)
             dev.track = self.config.state_path is not None
-        if dev.m0 > dev.h0 and dev.needs_page_in(ts):
+        if dev.needs_page_in(ts):
             await self._page_in(dev)
         before = dev.watermark
         status, minutes = dev.add(ts, values, lasts)
@@ -525,9 +532,7 @@ class Aggregate(Processor[AggregateConfig]):
             partials = [
                 (str(res), int(start), bytes(blob))
                 for res, start, blob in await db.execute_fetchall(
-                    "SELECT res, start_s, data FROM partials WHERE device = ? AND ("
-                    "(res = '1m' AND start_s < ?) OR (res = '15m' AND start_s < ?))",
-                    (dev.name, dev.m0 - dev.m0 % 900, dev.q0),
+                    PAGED_PARTIALS, (dev.name, dev.p0, dev.q0)
                 )
             ]
             dev.page_in(((t, *self._row(blobs[t])) for t in sorted(blobs)), partials)
@@ -706,14 +711,13 @@ class Aggregate(Processor[AggregateConfig]):
             dev.h0 = dev.h0_stored = int(h0)
             dev.open_from = {str(k): int(v) for k, v in msgpack.unpackb(open_from).items()}
             dev.carry = {str(f): (int(t), float(v)) for f, (t, v) in msgpack.unpackb(carry).items()}
+            dev.m0 = dev.h0  # unless `paged` says more was paged out
+            dev.mcarry = dict(dev.carry)
         for fieldset, blob in await db.execute_fetchall("SELECT id, names FROM fieldsets"):
             numbers, lasts = msgpack.unpackb(blob)
             names = (tuple(numbers), tuple(lasts))
             self._fieldset_names[int(fieldset)] = names
             self._fieldsets[names] = int(fieldset)
-        for dev in self.devices.values():
-            dev.m0 = dev.h0
-            dev.mcarry = dict(dev.carry)
         # what was paged out stays in the file: only what memory kept of it is read
         for name, m0, blob in await db.execute_fetchall("SELECT device, m0, data FROM paged"):
             restored = self.devices.get(name)
@@ -735,9 +739,7 @@ class Aggregate(Processor[AggregateConfig]):
                 async for ts, blob in cur:
                     dev.restore_row(int(ts), *self._row(blob))
             for res, start, blob in await db.execute_fetchall(
-                "SELECT res, start_s, data FROM partials WHERE device = ? AND NOT ("
-                "(res = '1m' AND start_s < ?) OR (res = '15m' AND start_s < ?))",
-                (dev.name, dev.m0 - dev.m0 % 900, dev.q0),
+                RESIDENT_PARTIALS, (dev.name, dev.p0, dev.q0)
             ):
                 dev.closed[str(res)][int(start)] = bytes(blob)
         now = time.monotonic()
